@@ -1,0 +1,273 @@
+"""BlockMask: the compiled block-sparse form every implementation consumes.
+
+For block sizes (block_q, block_kv) the (padded) T x S mask is cut into tiles. Each tile
+is EMPTY (skipped), FULL (computed without mask work) or PARTIAL (computed with a
+boolean bitmap). Bitmaps are deduplicated, identical heads are stored once, and the
+active tiles are listed per q block (forward, dq) and per kv block (dk, dv), as in JAX's
+splash attention `MaskInfo` (Pallas TPU ops).
+
+Padding: positions at or beyond the real lengths are masked; the tile grid covers
+ceil(T / block_q) x ceil(S / block_kv) blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import numpy as np
+
+from attention.masks import base
+
+EMPTY, PARTIAL, FULL = base.EMPTY, base.PARTIAL, base.FULL
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockMask:
+  """A compiled block-sparse mask (NumPy arrays; static under `jit`).
+
+  Attributes:
+    q_len, kv_len: real (unpadded) lengths.
+    block_q, block_kv: tile sizes.
+    num_heads: number of query heads covered (1 for a head-independent mask).
+    head_map: int32 [num_heads], query head -> row of the per-unique-head arrays.
+    block_state: int8 [U, nq, nk], EMPTY / PARTIAL / FULL.
+    partial_index: int32 [U, nq, nk], index into `partial_masks` or -1.
+    partial_masks: bool [P, block_q, block_kv], deduplicated bitmaps.
+    kv_indices: int32 [U, nq, A], active kv blocks of each q block in ascending
+      order, padded by repeating the last active block (0 if none).
+    kv_counts: int32 [U, nq], number of active kv blocks.
+    kv_partial: int32 [U, nq, A], bitmap index of each listed block, -1 if FULL.
+    q_indices, q_counts, q_partial: the transposed lists [U, nk, Aq] for dk / dv.
+  """
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_kv: int
+  num_heads: int
+  head_map: np.ndarray
+  block_state: np.ndarray
+  partial_index: np.ndarray
+  partial_masks: np.ndarray
+  kv_indices: np.ndarray
+  kv_counts: np.ndarray
+  kv_partial: np.ndarray
+  q_indices: np.ndarray
+  q_counts: np.ndarray
+  q_partial: np.ndarray
+
+  @property
+  def num_q_blocks(self) -> int:
+    return self.block_state.shape[1]
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.block_state.shape[2]
+
+  @property
+  def num_unique_heads(self) -> int:
+    return self.block_state.shape[0]
+
+  @property
+  def padded_q_len(self) -> int:
+    return self.num_q_blocks * self.block_q
+
+  @property
+  def padded_kv_len(self) -> int:
+    return self.num_kv_blocks * self.block_kv
+
+  def materialize(self) -> np.ndarray:
+    """The dense boolean mask [num_heads, q_len, kv_len] this BlockMask encodes."""
+    u, nq, nk = self.block_state.shape
+    tiles = np.zeros((u, nq, nk, self.block_q, self.block_kv), dtype=bool)
+    tiles[self.block_state == FULL] = True
+    sel = self.block_state == PARTIAL
+    tiles[sel] = self.partial_masks[self.partial_index[sel]]
+    dense = tiles.transpose(0, 1, 3, 2, 4).reshape(
+        u, nq * self.block_q, nk * self.block_kv)
+    return dense[self.head_map, :self.q_len, :self.kv_len]
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _check_block(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a positive int, got {type(value).__name__}.')
+  if value <= 0:
+    raise ValueError(f'{name} must be a positive int, got {value}.')
+  return int(value)
+
+
+def _tile_grid(block_q: int, block_kv: int, qb: np.ndarray, kb: np.ndarray):
+  """Index arrays [n, bq, 1] and [n, 1, bk] for tiles (qb[i], kb[i])."""
+  q = qb[:, None, None] * block_q + np.arange(block_q)[None, :, None]
+  k = kb[:, None, None] * block_kv + np.arange(block_kv)[None, None, :]
+  return q, k
+
+
+def _eval_tiles(mask: base.Mask, head: int | None, block_q: int, block_kv: int,
+                qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:
+  """Exact bitmaps [n, bq, bk] for the listed tiles (padding masked)."""
+  out = np.zeros((len(qb), block_q, block_kv), dtype=bool)
+  t, s = mask.shape
+  for i in range(0, len(qb), chunk):
+    q, k = _tile_grid(block_q, block_kv, qb[i:i + chunk], kb[i:i + chunk])
+    valid = (q < t) & (k < s)
+    h = None if head is None else np.asarray(head)
+    vals = mask(np.minimum(q, t - 1), np.minimum(k, s - 1), h)
+    out[i:i + chunk] = vals & valid
+  return out
+
+
+def _classes_by_strips(mask: base.Mask, head: int | None, block_q: int,
+                       block_kv: int, nq: int, nk: int) -> np.ndarray:
+  """Exact classification by evaluating the predicate one q-block strip at a time."""
+  t, s = mask.shape
+  state = np.zeros((nq, nk), dtype=np.int8)
+  k = np.arange(nk * block_kv)
+  kvalid = k < s
+  h = None if head is None else np.asarray(head)
+  for i in range(nq):
+    q = np.arange(i * block_q, (i + 1) * block_q)
+    vals = mask(np.minimum(q, t - 1)[:, None], np.minimum(k, s - 1)[None, :], h)
+    vals = vals & (q < t)[:, None] & kvalid[None, :]
+    tiles = vals.reshape(block_q, nk, block_kv)
+    anyv = tiles.any(axis=(0, 2))
+    allv = tiles.all(axis=(0, 2))
+    state[i] = np.where(allv, FULL, np.where(anyv, PARTIAL, EMPTY))
+  return state
+
+
+def _head_classes(mask: base.Mask, block_q: int, block_kv: int, nq: int,
+                  nk: int) -> np.ndarray:
+  """int8 [H_m, nq, nk] (H_m = 1 for head-independent masks), possibly conservative."""
+  classes = mask._block_classes(block_q, block_kv, nq, nk)  # pylint: disable=protected-access
+  if classes is not None:
+    classes = np.asarray(classes, dtype=np.int8)
+    return classes if mask.head_dependent else classes[None]
+  if not mask.head_dependent:
+    return _classes_by_strips(mask, None, block_q, block_kv, nq, nk)[None]
+  return np.stack([
+      _classes_by_strips(mask, h, block_q, block_kv, nq, nk)
+      for h in range(mask.num_heads)
+  ])
+
+
+def _lists(state: np.ndarray, pidx: np.ndarray):
+  """Active-block lists along the last axis of [U, R, C] arrays."""
+  active = state != EMPTY
+  counts = active.sum(-1).astype(np.int32)
+  width = max(int(counts.max(initial=0)), 1)
+  # Stable argsort puts active columns first, in ascending column order.
+  order = np.argsort(~active, axis=-1, kind='stable')[..., :width]
+  pos = np.arange(width)
+  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], -1)
+  idx = np.where(pos < counts[..., None], order, last)
+  idx = np.where(counts[..., None] > 0, idx, 0).astype(np.int32)
+  part = np.take_along_axis(pidx, idx, -1)
+  part = np.where(pos < counts[..., None], part, -1).astype(np.int32)
+  return idx, counts, part
+
+
+def _assemble(q_len, kv_len, block_q, block_kv, head_states, head_tiles,
+              num_heads) -> BlockMask:
+  """Deduplicates bitmaps and heads, builds the lists."""
+  bitmap_ids: dict[bytes, int] = {}
+  bitmaps: list[np.ndarray] = []
+  head_keys: dict[bytes, int] = {}
+  states, pindices, head_map = [], [], []
+  for state, (coords, tiles) in zip(head_states, head_tiles):
+    pidx = np.full(state.shape, -1, dtype=np.int32)
+    for (qi, ki), tile in zip(coords, tiles):
+      key = np.packbits(tile).tobytes()
+      if key not in bitmap_ids:
+        bitmap_ids[key] = len(bitmaps)
+        bitmaps.append(tile)
+      pidx[qi, ki] = bitmap_ids[key]
+    hkey = state.tobytes() + pidx.tobytes()
+    if hkey not in head_keys:
+      head_keys[hkey] = len(states)
+      states.append(state)
+      pindices.append(pidx)
+    head_map.append(head_keys[hkey])
+  head_map = np.asarray(head_map, dtype=np.int32)
+  if len(head_map) == 1 and num_heads > 1:
+    head_map = np.zeros((num_heads,), dtype=np.int32)
+  state = np.stack(states)
+  pidx = np.stack(pindices)
+  partial = (np.stack(bitmaps) if bitmaps else
+             np.zeros((0, block_q, block_kv), dtype=bool))
+  kv_idx, kv_cnt, kv_part = _lists(state, pidx)
+  q_idx, q_cnt, q_part = _lists(state.transpose(0, 2, 1),
+                                pidx.transpose(0, 2, 1))
+  arrays = dict(head_map=head_map, block_state=state, partial_index=pidx,
+                partial_masks=partial, kv_indices=kv_idx, kv_counts=kv_cnt,
+                kv_partial=kv_part, q_indices=q_idx, q_counts=q_cnt,
+                q_partial=q_part)
+  for a in arrays.values():
+    a.setflags(write=False)
+  return BlockMask(q_len=q_len, kv_len=kv_len, block_q=block_q,
+                   block_kv=block_kv, num_heads=len(head_map), **arrays)
+
+
+def _refine(mask: base.Mask, head: int | None, state: np.ndarray, block_q: int,
+            block_kv: int):
+  """Evaluates PARTIAL tiles exactly; empty / full tiles are reclassified."""
+  state = state.copy()
+  qb, kb = np.nonzero(state == PARTIAL)
+  tiles = _eval_tiles(mask, head, block_q, block_kv, qb, kb)
+  anyv = tiles.any(axis=(1, 2))
+  allv = tiles.all(axis=(1, 2))
+  state[qb[~anyv], kb[~anyv]] = EMPTY
+  state[qb[allv], kb[allv]] = FULL
+  keep = anyv & ~allv
+  return state, (list(zip(qb[keep], kb[keep])), tiles[keep])
+
+
+def compile_mask(mask: base.Mask, block_q: int, block_kv: int,
+                 num_heads: int | None = None) -> BlockMask:
+  """Compiles a mask to a BlockMask (cached: the same mask compiles once).
+
+  Args:
+    mask: a `Mask` object (use `base.from_array` for a dense array).
+    block_q, block_kv: tile sizes; lengths are padded up to multiples of them and
+      the padding is masked.
+    num_heads: query heads the result must cover (head-independent masks are shared
+      by all of them; head-dependent masks must have exactly this many heads).
+  """
+  if not isinstance(mask, base.Mask):
+    raise TypeError(f'mask must be a Mask, got {type(mask).__name__}.')
+  block_q = _check_block('block_q', block_q)
+  block_kv = _check_block('block_kv', block_kv)
+  if num_heads is not None:
+    num_heads = _check_block('num_heads', num_heads)
+    if mask.head_dependent and mask.num_heads != num_heads:
+      raise ValueError(
+          f'num_heads must equal the mask head count ({mask.num_heads}), got '
+          f'{num_heads}.')
+  return _compile_cached(mask, block_q, block_kv, num_heads)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_cached(mask, block_q, block_kv, num_heads) -> BlockMask:
+  t, s = mask.shape
+  nq, nk = _ceil_div(t, block_q), _ceil_div(s, block_kv)
+  classes = _head_classes(mask, block_q, block_kv, nq, nk)
+  heads = range(classes.shape[0]) if mask.head_dependent else [None]
+  head_states, head_tiles = [], []
+  for h in heads:
+    st, tiles = _refine(mask, h, classes[0 if h is None else h], block_q,
+                        block_kv)
+    head_states.append(st)
+    head_tiles.append(tiles)
+  total_heads = mask.num_heads or num_heads or 1
+  return _assemble(t, s, block_q, block_kv, head_states, head_tiles,
+                   total_heads)
+
+
+def from_dense(array: Any, block_q: int, block_kv: int) -> BlockMask:
+  """Compiles a dense boolean array [T, S] or [H, T, S]."""
+  return compile_mask(base.from_array(array), block_q, block_kv)

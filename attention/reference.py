@@ -1,0 +1,99 @@
+"""Dense einsum attention: the oracle every other implementation is tested against.
+
+Builds the full [B, N, T, S] logits, so it is O(T * S) in memory; it is exact in
+float64 (inputs in float64 under `jax.enable_x64`) and computes in at least float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention.masks import base as masks_base
+
+# Einsum letters: b batch, t query position, s key position, k kv head,
+# g query heads per kv head (N = K * G), h head dim, v value head dim.
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+  dtypes = [a.dtype for a in arrays if a is not None]
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def combined_mask(*, batch: int, num_heads: int, q_len: int, kv_len: int,
+                  mask: jax.Array | None = None,
+                  mask_obj: masks_base.Mask | None = None,
+                  q_segment_ids: jax.Array | None = None,
+                  kv_segment_ids: jax.Array | None = None) -> jax.Array | None:
+  """The boolean visibility, broadcastable to [B, N, T, S], or None (all visible)."""
+  result = None
+
+  def conj(a, b):
+    return b if a is None else a & b
+
+  if mask is not None:
+    result = conj(result, jnp.asarray(mask, dtype=bool))
+  if mask_obj is not None:
+    dense = mask_obj.materialize()
+    dense = dense[None] if dense.ndim == 3 else dense[None, None]
+    result = conj(result, jnp.asarray(dense))
+  if q_segment_ids is not None:
+    seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+    result = conj(result, seg)
+  del batch, num_heads, q_len, kv_len
+  return result
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias: jax.Array | None = None,
+              mask: jax.Array | None = None,
+              mask_obj: masks_base.Mask | None = None,
+              logits_soft_cap: float | None = None,
+              sinks: jax.Array | None = None,
+              q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None,
+              return_residuals: bool = False):
+  """Dense softmax attention on validated inputs (see `dot_product_attention`).
+
+  Returns out [B, T, N, H_v] in query's dtype, and with `return_residuals` also the
+  log-sum-exp [B, N, T] (float32 or float64; -inf for rows with no visible key and
+  no sink).
+  """
+  b, t, n, h = query.shape
+  _, s, kh, _ = key.shape
+  g = n // kh
+  cdt = _compute_dtype(query, key, value, bias, sinks)
+  q = query.astype(cdt).reshape(b, t, kh, g, h)
+  k = key.astype(cdt)
+  v = value.astype(cdt)
+  logits = jnp.einsum('btkgh,bskh->bkgts', q, k,
+                      precision=jax.lax.Precision.HIGHEST)  # [B, K, G, T, S]
+  logits = logits.reshape(b, n, t, s) * jnp.asarray(scale, cdt)  # [B, N, T, S]
+  if logits_soft_cap is not None:
+    cap = jnp.asarray(logits_soft_cap, cdt)
+    logits = cap * jnp.tanh(logits / cap)
+  if bias is not None:
+    logits = logits + bias.astype(cdt)
+  visible = combined_mask(batch=b, num_heads=n, q_len=t, kv_len=s, mask=mask,
+                          mask_obj=mask_obj, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids)
+  if visible is not None:
+    logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1)  # [B, N, T]
+  if sinks is not None:
+    row_max = jnp.maximum(row_max, sinks.astype(cdt)[None, :, None])
+  row_max = jax.lax.stop_gradient(
+      jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  probs = jnp.exp(logits - row_max[..., None])  # [B, N, T, S]; masked -> 0
+  denom = jnp.sum(probs, axis=-1)  # [B, N, T]
+  if sinks is not None:
+    denom = denom + jnp.exp(sinks.astype(cdt)[None, :, None] - row_max)
+  safe = jnp.where(denom > 0, denom, 1.0)
+  probs = probs / safe[..., None]
+  out = jnp.einsum('bkgts,bskv->btkgv', probs.reshape(b, kh, g, t, s), v,
+                   precision=jax.lax.Precision.HIGHEST)  # [B, T, K, G, H_v]
+  out = out.reshape(b, t, n, v.shape[-1]).astype(query.dtype)
+  if not return_residuals:
+    return out
+  lse = jnp.where(denom > 0, row_max + jnp.log(safe), -jnp.inf)
+  return out, lse

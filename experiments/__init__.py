@@ -1,0 +1,1 @@
+"""absl-flag experiment binaries and the importable libraries behind them."""

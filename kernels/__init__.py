@@ -1,0 +1,1 @@
+"""Implementations behind `attention.dot_product_attention` (see kernels/README.md)."""
