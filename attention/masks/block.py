@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -108,31 +109,25 @@ def _tile_grid(block_q: int, block_kv: int, qb: np.ndarray, kb: np.ndarray):
   return q, k
 
 
-def _eval_tiles(mask: base.Mask, head: int | None, block_q: int, block_kv: int,
-                qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:
-  """Exact bitmaps [n, bq, bk] for the listed tiles (padding masked)."""
-  out = np.zeros((len(qb), block_q, block_kv), dtype=bool)
+def _eval_tiles(mask: base.Mask, block_q: int, block_kv: int, qb: np.ndarray,
+                kb: np.ndarray) -> np.ndarray:
+  """Exact bitmaps [n, bq, bk] of a head-independent mask (padding masked)."""
   t, s = mask.shape
-  for i in range(0, len(qb), chunk):
-    q, k = _tile_grid(block_q, block_kv, qb[i:i + chunk], kb[i:i + chunk])
-    valid = (q < t) & (k < s)
-    h = None if head is None else np.asarray(head)
-    vals = mask(np.minimum(q, t - 1), np.minimum(k, s - 1), h)
-    out[i:i + chunk] = vals & valid
-  return out
+  q, k = _tile_grid(block_q, block_kv, qb, kb)
+  valid = (q < t) & (k < s)
+  return mask(np.minimum(q, t - 1), np.minimum(k, s - 1)) & valid
 
 
-def _classes_by_strips(mask: base.Mask, head: int | None, block_q: int,
-                       block_kv: int, nq: int, nk: int) -> np.ndarray:
+def _classes_by_strips(mask: base.Mask, block_q: int, block_kv: int, nq: int,
+                       nk: int) -> np.ndarray:
   """Exact classification by evaluating the predicate one q-block strip at a time."""
   t, s = mask.shape
   state = np.zeros((nq, nk), dtype=np.int8)
   k = np.arange(nk * block_kv)
   kvalid = k < s
-  h = None if head is None else np.asarray(head)
   for i in range(nq):
     q = np.arange(i * block_q, (i + 1) * block_q)
-    vals = mask(np.minimum(q, t - 1)[:, None], np.minimum(k, s - 1)[None, :], h)
+    vals = mask(np.minimum(q, t - 1)[:, None], np.minimum(k, s - 1)[None, :])
     vals = vals & (q < t)[:, None] & kvalid[None, :]
     tiles = vals.reshape(block_q, nk, block_kv)
     anyv = tiles.any(axis=(0, 2))
@@ -141,19 +136,99 @@ def _classes_by_strips(mask: base.Mask, head: int | None, block_q: int,
   return state
 
 
-def _head_classes(mask: base.Mask, block_q: int, block_kv: int, nq: int,
-                  nk: int) -> np.ndarray:
-  """int8 [H_m, nq, nk] (H_m = 1 for head-independent masks), possibly conservative."""
+def _dedup(packed: np.ndarray, block_q: int, block_kv: int):
+  """Unique bitmaps of packed tiles [n, bytes] -> (inverse [n], bitmaps [P, bq, bk])."""
+  if not len(packed):
+    return (np.zeros((0,), np.int32),
+            np.zeros((0, block_q, block_kv), dtype=bool))
+  ids: dict[bytes, int] = {}
+  first: list[int] = []
+  inverse = np.empty((len(packed),), dtype=np.int32)
+  for i, row in enumerate(packed):
+    key = row.tobytes()
+    j = ids.setdefault(key, len(ids))
+    if j == len(first):
+      first.append(i)
+    inverse[i] = j
+  bitmaps = np.unpackbits(packed[first], axis=1, count=block_q * block_kv)
+  return inverse, bitmaps.astype(bool).reshape(-1, block_q, block_kv)
+
+
+def _refine(mask: base.Mask, classes: np.ndarray, block_q: int, block_kv: int,
+            tiles_per_chunk: int = 256):
+  """Evaluates PARTIAL tiles exactly: (state, partial_index, bitmaps)."""
+  state = np.array(classes, dtype=np.int8, copy=True)
+  qb, kb = np.nonzero(state == PARTIAL)
+  area = block_q * block_kv
+  packed = np.zeros((len(qb), -(-area // 8)), dtype=np.uint8)
+  anyv = np.zeros((len(qb),), dtype=bool)
+  allv = np.zeros((len(qb),), dtype=bool)
+  for i in range(0, len(qb), tiles_per_chunk):
+    sl = slice(i, i + tiles_per_chunk)
+    tiles = _eval_tiles(mask, block_q, block_kv, qb[sl], kb[sl])
+    flat = tiles.reshape(len(tiles), area)
+    anyv[sl] = flat.any(1)
+    allv[sl] = flat.all(1)
+    packed[sl] = np.packbits(flat, axis=1)
+  state[qb[~anyv], kb[~anyv]] = EMPTY
+  state[qb[allv], kb[allv]] = FULL
+  keep = anyv & ~allv
+  inverse, bitmaps = _dedup(packed[keep], block_q, block_kv)
+  pidx = np.full(state.shape, -1, dtype=np.int32)
+  pidx[qb[keep], kb[keep]] = inverse
+  return state, pidx, bitmaps
+
+
+def patch_tiles(mask: base.Mask, structure, qb: np.ndarray, kb: np.ndarray,
+                block_q: int, block_kv: int, tiles: Any = None):
+  """Replaces tiles (qb[i], kb[i]) of a structure by their exact bitmaps.
+
+  Used by masks whose fast structure is exact except on a few tiles (for example a
+  block-level pattern AND the token-level causal diagonal). `tiles` (an iterable of
+  [block_q, block_kv] bitmaps) defaults to evaluating the mask's predicate.
+  """
+  state, pidx, bitmaps = structure
+  state, pidx = state.copy(), pidx.copy()
+  ids = {np.packbits(b).tobytes(): i for i, b in enumerate(bitmaps)}
+  extra: list[np.ndarray] = []
+  if tiles is None:
+    tiles = _eval_tiles(mask, block_q, block_kv, np.asarray(qb),
+                        np.asarray(kb))
+  area = block_q * block_kv
+  for a, b, tile in zip(qb, kb, tiles):
+    count = np.count_nonzero(tile)
+    if not count:
+      state[a, b], pidx[a, b] = EMPTY, -1
+    elif count == area:
+      state[a, b], pidx[a, b] = FULL, -1
+    else:
+      key = np.packbits(tile).tobytes()
+      if key not in ids:
+        ids[key] = len(bitmaps) + len(extra)
+        extra.append(tile)
+      state[a, b], pidx[a, b] = PARTIAL, ids[key]
+  if extra:
+    bitmaps = np.concatenate([bitmaps, np.stack(extra)])
+  return state, pidx, bitmaps
+
+
+@functools.lru_cache(maxsize=512)
+def _head_structure(mask: base.Mask, block_q: int, block_kv: int):
+  """(state [nq, nk], partial_index [nq, nk], bitmaps [P, bq, bk]) of one head."""
+  t, s = mask.shape
+  nq, nk = _ceil_div(t, block_q), _ceil_div(s, block_kv)
+  structure = mask._block_structure(block_q, block_kv, nq, nk)  # pylint: disable=protected-access
+  if structure is not None:
+    return structure
   classes = mask._block_classes(block_q, block_kv, nq, nk)  # pylint: disable=protected-access
-  if classes is not None:
-    classes = np.asarray(classes, dtype=np.int8)
-    return classes if mask.head_dependent else classes[None]
-  if not mask.head_dependent:
-    return _classes_by_strips(mask, None, block_q, block_kv, nq, nk)[None]
-  return np.stack([
-      _classes_by_strips(mask, h, block_q, block_kv, nq, nk)
-      for h in range(mask.num_heads)
-  ])
+  if classes is None:
+    classes = _classes_by_strips(mask, block_q, block_kv, nq, nk)
+  classes = np.asarray(classes, dtype=np.int8)
+  if classes.shape != (nq, nk):
+    raise ValueError(
+        f'{type(mask).__name__}._block_classes must return shape {(nq, nk)}, '
+        f'got {classes.shape}.')
+  return _refine(mask, classes, block_q, block_kv)
 
 
 def _lists(state: np.ndarray, pidx: np.ndarray):
@@ -172,21 +247,23 @@ def _lists(state: np.ndarray, pidx: np.ndarray):
   return idx, counts, part
 
 
-def _assemble(q_len, kv_len, block_q, block_kv, head_states, head_tiles,
+def _assemble(q_len, kv_len, block_q, block_kv, structures,
               num_heads) -> BlockMask:
-  """Deduplicates bitmaps and heads, builds the lists."""
+  """Merges per-head bitmaps, deduplicates heads, builds the lists."""
   bitmap_ids: dict[bytes, int] = {}
   bitmaps: list[np.ndarray] = []
   head_keys: dict[bytes, int] = {}
   states, pindices, head_map = [], [], []
-  for state, (coords, tiles) in zip(head_states, head_tiles):
-    pidx = np.full(state.shape, -1, dtype=np.int32)
-    for (qi, ki), tile in zip(coords, tiles):
+  for state, local_pidx, local_bitmaps in structures:
+    remap = np.full((len(local_bitmaps) + 1,), -1, dtype=np.int32)
+    for j in np.unique(local_pidx[local_pidx >= 0]):  # referenced bitmaps only
+      tile = local_bitmaps[j]
       key = np.packbits(tile).tobytes()
       if key not in bitmap_ids:
         bitmap_ids[key] = len(bitmaps)
         bitmaps.append(tile)
-      pidx[qi, ki] = bitmap_ids[key]
+      remap[j] = bitmap_ids[key]
+    pidx = remap[local_pidx]  # -1 indexes the trailing -1 entry.
     hkey = state.tobytes() + pidx.tobytes()
     if hkey not in head_keys:
       head_keys[hkey] = len(states)
@@ -196,9 +273,9 @@ def _assemble(q_len, kv_len, block_q, block_kv, head_states, head_tiles,
   head_map = np.asarray(head_map, dtype=np.int32)
   if len(head_map) == 1 and num_heads > 1:
     head_map = np.zeros((num_heads,), dtype=np.int32)
-  state = np.stack(states)
-  pidx = np.stack(pindices)
-  partial = (np.stack(bitmaps) if bitmaps else
+  state = np.stack(states).astype(np.int8)
+  pidx = np.stack(pindices).astype(np.int32)
+  partial = (np.stack(bitmaps).astype(bool) if bitmaps else
              np.zeros((0, block_q, block_kv), dtype=bool))
   kv_idx, kv_cnt, kv_part = _lists(state, pidx)
   q_idx, q_cnt, q_part = _lists(state.transpose(0, 2, 1),
@@ -213,28 +290,18 @@ def _assemble(q_len, kv_len, block_q, block_kv, head_states, head_tiles,
                    block_kv=block_kv, num_heads=len(head_map), **arrays)
 
 
-def _refine(mask: base.Mask, head: int | None, state: np.ndarray, block_q: int,
-            block_kv: int):
-  """Evaluates PARTIAL tiles exactly; empty / full tiles are reclassified."""
-  state = state.copy()
-  qb, kb = np.nonzero(state == PARTIAL)
-  tiles = _eval_tiles(mask, head, block_q, block_kv, qb, kb)
-  anyv = tiles.any(axis=(1, 2))
-  allv = tiles.all(axis=(1, 2))
-  state[qb[~anyv], kb[~anyv]] = EMPTY
-  state[qb[allv], kb[allv]] = FULL
-  keep = anyv & ~allv
-  return state, (list(zip(qb[keep], kb[keep])), tiles[keep])
-
-
 def compile_mask(mask: base.Mask, block_q: int, block_kv: int,
                  num_heads: int | None = None) -> BlockMask:
   """Compiles a mask to a BlockMask (cached: the same mask compiles once).
 
+  Never builds the dense T x S array: tiles are classified analytically (the mask's
+  `_block_classes` / `_block_structure`) or strip by strip, and only PARTIAL tiles
+  are evaluated. Identical heads are compiled and stored once.
+
   Args:
     mask: a `Mask` object (use `base.from_array` for a dense array).
     block_q, block_kv: tile sizes; lengths are padded up to multiples of them and
-      the padding is masked.
+      the padding is masked (`BlockMask.padded` / `stats()` report it).
     num_heads: query heads the result must cover (head-independent masks are shared
       by all of them; head-dependent masks must have exactly this many heads).
   """
@@ -254,18 +321,18 @@ def compile_mask(mask: base.Mask, block_q: int, block_kv: int,
 @functools.lru_cache(maxsize=256)
 def _compile_cached(mask, block_q, block_kv, num_heads) -> BlockMask:
   t, s = mask.shape
-  nq, nk = _ceil_div(t, block_q), _ceil_div(s, block_kv)
-  classes = _head_classes(mask, block_q, block_kv, nq, nk)
-  heads = range(classes.shape[0]) if mask.head_dependent else [None]
-  head_states, head_tiles = [], []
-  for h in heads:
-    st, tiles = _refine(mask, h, classes[0 if h is None else h], block_q,
-                        block_kv)
-    head_states.append(st)
-    head_tiles.append(tiles)
+  if t % block_q or s % block_kv:
+    logging.info(
+        'compile_mask: lengths (%d, %d) padded to (%d, %d) for blocks (%d, %d); '
+        'the padding is masked.', t, s, _ceil_div(t, block_q) * block_q,
+        _ceil_div(s, block_kv) * block_kv, block_q, block_kv)
+  if mask.head_dependent:
+    heads = [mask.head(h) for h in range(mask.num_heads)]
+  else:
+    heads = [mask]
+  structures = [_head_structure(m, block_q, block_kv) for m in heads]
   total_heads = mask.num_heads or num_heads or 1
-  return _assemble(t, s, block_q, block_kv, head_states, head_tiles,
-                   total_heads)
+  return _assemble(t, s, block_q, block_kv, structures, total_heads)
 
 
 def from_dense(array: Any, block_q: int, block_kv: int) -> BlockMask:
