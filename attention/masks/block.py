@@ -78,6 +78,121 @@ class BlockMask:
   def padded_kv_len(self) -> int:
     return self.num_kv_blocks * self.block_kv
 
+  @property
+  def padded(self) -> bool:
+    """Whether the lengths were padded up to block multiples (padding is masked)."""
+    return (self.padded_q_len != self.q_len or
+            self.padded_kv_len != self.kv_len)
+
+  def _head_weights(self) -> np.ndarray:
+    """How many query heads use each unique head row."""
+    return np.bincount(self.head_map, minlength=self.num_unique_heads)
+
+  def tile_density(self) -> np.ndarray:
+    """float64 [U, nq, nk]: fraction of each tile's real area that is visible."""
+    bq, bk = self.block_q, self.block_kv
+    popcount = self.partial_masks.reshape(len(self.partial_masks), -1).sum(1)
+    visible = np.where(self.block_state == FULL, bq * bk, 0).astype(np.float64)
+    sel = self.block_state == PARTIAL
+    visible[sel] = popcount[self.partial_index[sel]]
+    qs = np.minimum(np.arange(1, self.num_q_blocks + 1) * bq, self.q_len)
+    ks = np.minimum(np.arange(1, self.num_kv_blocks + 1) * bk, self.kv_len)
+    rows = np.diff(qs, prepend=0)[:, None]
+    cols = np.diff(ks, prepend=0)[None, :]
+    return visible / np.maximum(rows * cols, 1)
+
+  def stats(self) -> dict[str, Any]:
+    """Sparsity summary, before running anything.
+
+    Returns a flat dict: density (visible fraction of the real T x S x heads),
+    flop_fraction (computed tiles' area over the dense T x S x heads),
+    tile_fraction (computed tiles over all tiles), speedup_bound (1 / tile_fraction:
+    the most a block-sparse kernel can gain over dense), full / partial / empty
+    block counts over all heads, unique heads and bitmaps, and the padding.
+    """
+    w = self._head_weights()
+    per_head = lambda cond: int((cond.sum(axis=(1, 2)) * w).sum())
+    full_ = per_head(self.block_state == FULL)
+    partial = per_head(self.block_state == PARTIAL)
+    empty = per_head(self.block_state == EMPTY)
+    total = full_ + partial + empty
+    bq, bk = self.block_q, self.block_kv
+    popcount = self.partial_masks.reshape(len(self.partial_masks), -1).sum(1)
+    sel = self.block_state == PARTIAL
+    part_visible = np.zeros(self.block_state.shape, dtype=np.int64)
+    part_visible[sel] = popcount[self.partial_index[sel]]
+    visible = full_ * bq * bk + int((part_visible.sum(axis=(1, 2)) * w).sum())
+    dense = self.num_heads * self.q_len * self.kv_len
+    computed = full_ + partial
+    tile_fraction = computed / total
+    note = (f'lengths ({self.q_len}, {self.kv_len}) padded to '
+            f'({self.padded_q_len}, {self.padded_kv_len}) for blocks ({bq}, {bk}); '
+            'padding is masked' if self.padded else 'no padding')
+    return dict(
+        q_len=self.q_len, kv_len=self.kv_len, block_q=bq, block_kv=bk,
+        num_heads=self.num_heads, num_unique_heads=self.num_unique_heads,
+        num_q_blocks=self.num_q_blocks, num_kv_blocks=self.num_kv_blocks,
+        full_blocks=full_, partial_blocks=partial, empty_blocks=empty,
+        total_blocks=total, unique_bitmaps=len(self.partial_masks),
+        density=visible / dense, flop_fraction=computed * bq * bk / dense,
+        tile_fraction=tile_fraction,
+        speedup_bound=(1.0 / tile_fraction if computed else float('inf')),
+        padded=self.padded, padded_q_len=self.padded_q_len,
+        padded_kv_len=self.padded_kv_len, padding=note)
+
+  def plot(self, path: str, head: int = 0, max_pixels: int = 1 << 22) -> str:
+    """Writes a PNG: the mask of one head and its block structure.
+
+    Left: the token-level mask (tile densities when T x S > max_pixels). Right:
+    EMPTY (white) / PARTIAL (orange) / FULL (blue) tiles. Returns `path`.
+    """
+    from matplotlib import colors  # pylint: disable=g-import-not-at-top
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    if not 0 <= head < self.num_heads:
+      raise ValueError(f'head must be in [0, {self.num_heads}), got {head}.')
+    u = int(self.head_map[head])
+    fig = figure.Figure(figsize=(11, 5.2))
+    backend_agg.FigureCanvasAgg(fig)
+    ax0, ax1 = fig.subplots(1, 2)
+    if self.q_len * self.kv_len <= max_pixels:
+      ax0.imshow(self.materialize_head(head), cmap='Greys', vmin=0, vmax=1,
+                 interpolation='nearest', aspect='auto')
+      ax0.set_title(f'mask (head {head}), {self.q_len} x {self.kv_len}')
+    else:
+      ax0.imshow(self.tile_density()[u], cmap='Greys', vmin=0, vmax=1,
+                 interpolation='nearest', aspect='auto')
+      ax0.set_title(f'visible fraction per tile (head {head})')
+    cmap = colors.ListedColormap(['white', 'tab:orange', 'tab:blue'])
+    ax1.imshow(self.block_state[u], cmap=cmap, vmin=0, vmax=2,
+               interpolation='nearest', aspect='auto')
+    st = self.stats()
+    ax1.set_title(
+        f'blocks {self.block_q}x{self.block_kv}: full {st["full_blocks"]}, '
+        f'partial {st["partial_blocks"]}, empty {st["empty_blocks"]}')
+    ax0.set_xlabel('key')
+    ax0.set_ylabel('query')
+    ax1.set_xlabel('kv block')
+    ax1.set_ylabel('q block')
+    fig.suptitle(
+        f'density {st["density"]:.4f}, FLOP fraction {st["flop_fraction"]:.4f}, '
+        f'speedup bound {st["speedup_bound"]:.2f}x; {st["padding"]}', fontsize=9)
+    fig.savefig(path, dpi=100)
+    return path
+
+  def materialize_head(self, head: int) -> np.ndarray:
+    """The dense [q_len, kv_len] mask of one query head."""
+    u = int(self.head_map[head])
+    state, pidx = self.block_state[u], self.partial_index[u]
+    nq, nk = state.shape
+    tiles = np.zeros((nq, nk, self.block_q, self.block_kv), dtype=bool)
+    tiles[state == FULL] = True
+    sel = state == PARTIAL
+    tiles[sel] = self.partial_masks[pidx[sel]]
+    dense = tiles.transpose(0, 2, 1, 3).reshape(nq * self.block_q,
+                                                nk * self.block_kv)
+    return dense[:self.q_len, :self.kv_len]
+
   def materialize(self) -> np.ndarray:
     """The dense boolean mask [num_heads, q_len, kv_len] this BlockMask encodes."""
     u, nq, nk = self.block_state.shape
