@@ -71,6 +71,6 @@ def check_grid(grid: Any, seq_len: Any = None,
     seq_len = check_int('seq_len', seq_len, 1)
     if int(np.prod(grid)) != seq_len:
       raise ValueError(
-          f'grid {grid} must multiply to the sequence length {seq_len}, got '
-          f'{int(np.prod(grid))}.')
+          f'grid {grid} must multiply to seq_len (the sequence length, '
+          f'{seq_len}), got {int(np.prod(grid))}.')
   return grid

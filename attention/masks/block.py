@@ -91,7 +91,7 @@ class BlockMask:
   def tile_density(self) -> np.ndarray:
     """float64 [U, nq, nk]: fraction of each tile's real area that is visible."""
     bq, bk = self.block_q, self.block_kv
-    popcount = self.partial_masks.reshape(len(self.partial_masks), -1).sum(1)
+    popcount = self.partial_masks.reshape(-1, bq * bk).sum(1)
     visible = np.where(self.block_state == FULL, bq * bk, 0).astype(np.float64)
     sel = self.block_state == PARTIAL
     visible[sel] = popcount[self.partial_index[sel]]
@@ -117,7 +117,7 @@ class BlockMask:
     empty = per_head(self.block_state == EMPTY)
     total = full_ + partial + empty
     bq, bk = self.block_q, self.block_kv
-    popcount = self.partial_masks.reshape(len(self.partial_masks), -1).sum(1)
+    popcount = self.partial_masks.reshape(-1, bq * bk).sum(1)
     sel = self.block_state == PARTIAL
     part_visible = np.zeros(self.block_state.shape, dtype=np.int64)
     part_visible[sel] = popcount[self.partial_index[sel]]
