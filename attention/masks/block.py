@@ -450,6 +450,12 @@ def _compile_cached(mask, block_q, block_kv, num_heads) -> BlockMask:
   return _assemble(t, s, block_q, block_kv, structures, total_heads)
 
 
+def clear_cache() -> None:
+  """Forgets every cached compilation (for benchmarks measuring cold compiles)."""
+  _compile_cached.cache_clear()
+  _head_structure.cache_clear()
+
+
 def from_dense(array: Any, block_q: int, block_kv: int) -> BlockMask:
   """Compiles a dense boolean array [T, S] or [H, T, S]."""
   return compile_mask(base.from_array(array), block_q, block_kv)

@@ -112,7 +112,8 @@ class Permuted(base.Mask):
     return self.mask.num_heads
 
   def _predicate(self, q, k, h):
-    return self.mask._predicate(self.q_perm[q], self.kv_perm[k], h)  # pylint: disable=protected-access
+    inner = self.mask._predicate  # pylint: disable=protected-access
+    return inner(self.q_perm[q], self.kv_perm[k], h)
 
   def _head(self, h):
     return Permuted(self.mask.head(h), self.q_perm, self.kv_perm)

@@ -17,7 +17,9 @@ from attention.masks import static
 
 
 def _splash():
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask  # pylint: disable=g-import-not-at-top
+  # Imported lazily: Pallas TPU ops are only needed for interop.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_mask)
   return splash_attention_mask
 
 
