@@ -193,3 +193,32 @@ def coarse_structure(matrix: np.ndarray, unit: int, shape, block_q, block_kv,
   pidx[qb, kb] = inverse.reshape(-1)
   bitmaps = np.repeat(np.repeat(patterns, unit, axis=1), unit, axis=2)
   return state, pidx, bitmaps
+
+
+def tile_table(matrix: np.ndarray, block_q: int, block_kv: int,
+               ids: dict[bytes, int], bitmaps: list[np.ndarray]):
+  """Exact (state [iq, ik], partial_index [iq, ik]) of a dense bool matrix.
+
+  The matrix's sides must be multiples of the block sizes. New partial bitmaps are
+  appended to `bitmaps` (deduplicated through `ids`, shared across calls).
+  """
+  iq, ik = matrix.shape[0] // block_q, matrix.shape[1] // block_kv
+  tiles = matrix.reshape(iq, block_q, ik, block_kv).transpose(0, 2, 1, 3)
+  anyv, allv = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
+  state = classify(allv, ~anyv)
+  pidx = np.full((iq, ik), -1, dtype=np.int32)
+  for a, b in zip(*np.nonzero(state == PARTIAL)):
+    key = np.packbits(tiles[a, b]).tobytes()
+    if key not in ids:
+      ids[key] = len(bitmaps)
+      bitmaps.append(tiles[a, b])
+    pidx[a, b] = ids[key]
+  return state, pidx
+
+
+def stack_bitmaps(bitmaps: list[np.ndarray], block_q: int,
+                  block_kv: int) -> np.ndarray:
+  """bool [P, block_q, block_kv] (P may be 0)."""
+  if not bitmaps:
+    return np.zeros((0, block_q, block_kv), dtype=bool)
+  return np.stack(bitmaps).astype(bool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -62,26 +63,20 @@ def _coarse_or_none(cell_fn, n_cells: int, unit: int, shape, block_q, block_kv,
   return _classes.coarse(table, unit, unit, shape, block_q, block_kv, nq, nk)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PowerAttention(base.Mask):
-  """PowerAttention: block qb attends kb <= qb at power-of-two block distances.
+class BlockLevelPattern(base.Mask):
+  """A pattern on (block_size x block_size) cells, optionally AND token causal.
 
-  "PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse
-  Attention" (Chen et al., 2025). With D = qb - kb (blocks of `block_size` tokens):
-  kb <= qb and (D & (D - 1) == 0 or kb < num_sink_blocks or D < local_blocks). This
-  is the block-level predicate of the spec (the diagonal block is fully visible);
-  `token_causal=True` additionally requires k <= q.
+  Subclasses define `_cells(qb, kb)`, the visibility of cell (qb, kb), and the
+  fields `shape`, `block_size` and `token_causal`.
   """
+
   shape: tuple[int, int]
   block_size: int
-  num_sink_blocks: int
-  local_blocks: int
   token_causal: bool
 
-  def _cells(self, qb, kb):
-    d = qb - kb
-    return (kb <= qb) & (((d & (d - 1)) == 0) | (kb < self.num_sink_blocks) |
-                         (d < self.local_blocks))
+  @abc.abstractmethod
+  def _cells(self, qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Visibility of cells (qb, kb) on broadcastable block-index arrays."""
 
   def _predicate(self, q, k, h):
     out = self._cells(q // self.block_size, k // self.block_size)
@@ -100,6 +95,28 @@ class PowerAttention(base.Mask):
   def _block_structure(self, block_q, block_kv, nq, nk):
     return _coarse_structure(self, self._cells, self.block_size,
                              self.token_causal, block_q, block_kv, nq, nk)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PowerAttention(BlockLevelPattern):
+  """PowerAttention: block qb attends kb <= qb at power-of-two block distances.
+
+  "PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse
+  Attention" (Chen et al., 2025). With D = qb - kb (blocks of `block_size` tokens):
+  kb <= qb and (D & (D - 1) == 0 or kb < num_sink_blocks or D < local_blocks). This
+  is the block-level predicate of the spec (the diagonal block is fully visible);
+  `token_causal=True` additionally requires k <= q.
+  """
+  shape: tuple[int, int]
+  block_size: int
+  num_sink_blocks: int
+  local_blocks: int
+  token_causal: bool
+
+  def _cells(self, qb, kb):
+    d = qb - kb
+    return (kb <= qb) & (((d & (d - 1)) == 0) | (kb < self.num_sink_blocks) |
+                         (d < self.local_blocks))
 
 
 def power_attention(seq_len: int, block_size: int, num_sink_blocks: int = 1,
@@ -123,7 +140,7 @@ def _s2_cells(qb, kb, local_blocks, vert_stride, shift, dense):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class StridedHead(base.Mask):
+class StridedHead(BlockLevelPattern):
   """One head of `S2Attention`: local blocks plus every vert_stride-th block."""
   shape: tuple[int, int]
   block_size: int
@@ -136,24 +153,6 @@ class StridedHead(base.Mask):
   def _cells(self, qb, kb):
     return _s2_cells(qb, kb, self.local_blocks, self.vert_stride, self.shift,
                      self.dense)
-
-  def _predicate(self, q, k, h):
-    out = self._cells(q // self.block_size, k // self.block_size)
-    return out & (k <= q) if self.token_causal else out
-
-  def _block_classes(self, block_q, block_kv, nq, nk):
-    grid = (self.shape, block_q, block_kv, nq, nk)
-    n_cells = -(-max(self.shape) // self.block_size)
-    out = _coarse_or_none(self._cells, n_cells, self.block_size, *grid)
-    if out is None:
-      return None
-    if self.token_causal:
-      out = _classes.and_classes(out, _classes.band(*grid, hi=0))
-    return out
-
-  def _block_structure(self, block_q, block_kv, nq, nk):
-    return _coarse_structure(self, self._cells, self.block_size,
-                             self.token_causal, block_q, block_kv, nq, nk)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -304,22 +303,13 @@ class Radial(base.Mask):
         spatial = dist == 0
       else:
         continue
-      tiles = spatial.reshape(iq, block_q, ik, block_kv).transpose(0, 2, 1, 3)
-      anyv, allv = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
-      inner_state = _classes.classify(allv, ~anyv)
-      inner_pidx = np.full((iq, ik), -1, dtype=np.int32)
-      for a, b in zip(*np.nonzero(inner_state == base.PARTIAL)):
-        key = np.packbits(tiles[a, b]).tobytes()
-        if key not in ids:
-          ids[key] = len(bitmaps)
-          bitmaps.append(tiles[a, b])
-        inner_pidx[a, b] = ids[key]
+      inner_state, inner_pidx = _classes.tile_table(spatial, block_q, block_kv,
+                                                    ids, bitmaps)
       fi, fj = np.nonzero(kind == value)
       state[fi, :, fj, :] = inner_state
       pidx[fi, :, fj, :] = inner_pidx
-    out_bitmaps = (np.stack(bitmaps) if bitmaps else
-                   np.zeros((0, block_q, block_kv), dtype=bool))
-    return state.reshape(nq, nk), pidx.reshape(nq, nk), out_bitmaps
+    return (state.reshape(nq, nk), pidx.reshape(nq, nk),
+            _classes.stack_bitmaps(bitmaps, block_q, block_kv))
 
 
 def radial(frames: int, tokens_per_frame: int,

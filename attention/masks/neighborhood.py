@@ -113,25 +113,14 @@ class GridMask(base.Mask, abc.ABC):
       return None
     inner = _kron_and(list(self._tables[split:]))  # [P, P]
     outer = _kron_and(list(self._tables[:split]))  # [T / P, T / P]
-    iq, ik = p // block_q, p // block_kv
-    tiles = inner.reshape(iq, block_q, ik, block_kv).transpose(0, 2, 1, 3)
-    anyv, allv = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
-    inner_state = _classes.classify(allv, ~anyv)
-    qb, kb = np.nonzero(inner_state == base.PARTIAL)
-    inner_pidx = np.full((iq, ik), -1, dtype=np.int32)
     ids: dict[bytes, int] = {}
-    bitmaps = []
-    for a, b in zip(qb, kb):
-      key = np.packbits(tiles[a, b]).tobytes()
-      if key not in ids:
-        ids[key] = len(bitmaps)
-        bitmaps.append(tiles[a, b])
-      inner_pidx[a, b] = ids[key]
+    bitmaps: list[np.ndarray] = []
+    inner_state, inner_pidx = _classes.tile_table(inner, block_q, block_kv, ids,
+                                                  bitmaps)
     on = outer[:, None, :, None]
     state = np.where(on, inner_state[None, :, None, :], base.EMPTY)
     pidx = np.where(on, inner_pidx[None, :, None, :], -1)
-    bitmaps = (np.stack(bitmaps) if bitmaps else
-               np.zeros((0, block_q, block_kv), dtype=bool))
+    bitmaps = _classes.stack_bitmaps(bitmaps, block_q, block_kv)
     return (state.reshape(nq, nk).astype(np.int8),
             pidx.reshape(nq, nk).astype(np.int32), bitmaps)
 
