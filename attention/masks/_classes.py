@@ -222,3 +222,41 @@ def stack_bitmaps(bitmaps: list[np.ndarray], block_q: int,
   if not bitmaps:
     return np.zeros((0, block_q, block_kv), dtype=bool)
   return np.stack(bitmaps).astype(bool)
+
+
+def compose(fine, fine_q: int, fine_kv: int, block_q: int, block_kv: int, nq,
+            nk, max_fine_tiles: int = 1 << 24):
+  """Exact structure for (block_q, block_kv) tiles from a finer exact structure.
+
+  Args:
+    fine: (state, partial_index, bitmaps) on (fine_q, fine_kv) tiles, where fine_q
+      divides block_q and fine_kv divides block_kv; fine tiles beyond its grid are
+      padding (EMPTY).
+  A coarse tile is FULL / EMPTY iff all its fine tiles are; a partial tile's bitmap
+  is assembled from its fine tiles, so tiles with the same fine codes share one
+  bitmap (codes index [zeros, ones, fine bitmaps...], distinct by construction).
+  Returns None when the padded fine grid would exceed `max_fine_tiles`.
+  """
+  a, b = block_q // fine_q, block_kv // fine_kv
+  if nq * a * nk * b > max_fine_tiles:
+    return None
+  f_state, f_pidx, f_bitmaps = fine
+  code = np.zeros((nq * a, nk * b), dtype=np.int32)  # 0: empty
+  fq, fk = f_state.shape
+  code[:fq, :fk] = np.where(f_state == FULL, 1,
+                            np.where(f_state == PARTIAL, f_pidx + 2, 0))
+  code = code.reshape(nq, a, nk, b).transpose(0, 2, 1, 3).reshape(nq, nk, a * b)
+  state = classify((code == 1).all(-1), (code == 0).all(-1))
+  pidx = np.full((nq, nk), -1, dtype=np.int32)
+  qb, kb = np.nonzero(state == PARTIAL)
+  if not len(qb):
+    return state, pidx, np.zeros((0, block_q, block_kv), dtype=bool)
+  uniq, inverse = np.unique(code[qb, kb], axis=0, return_inverse=True)
+  pidx[qb, kb] = inverse.reshape(-1)
+  library = np.concatenate([np.zeros((1, fine_q, fine_kv), bool),
+                            np.ones((1, fine_q, fine_kv), bool),
+                            np.asarray(f_bitmaps, dtype=bool)])
+  bitmaps = library[uniq].reshape(len(uniq), a, b, fine_q, fine_kv)
+  bitmaps = bitmaps.transpose(0, 1, 3, 2, 4).reshape(len(uniq), block_q,
+                                                     block_kv)
+  return state, pidx, bitmaps

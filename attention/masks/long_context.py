@@ -280,8 +280,16 @@ class Radial(base.Mask):
 
   def _block_structure(self, block_q, block_kv, nq, nk):
     s, f = self.tokens_per_frame, self.frames
-    if s % block_q or s % block_kv or s * s > _MAX_CELLS:
+    if s * s > _MAX_CELLS:
       return None
+    if s % block_q or s % block_kv:
+      # Compose from gcd-sized fine tiles that do divide the frame.
+      fq, fk = math.gcd(block_q, s), math.gcd(block_kv, s)
+      if fq * fk < 64:
+        return None
+      t = self.shape[0]
+      fine = self._block_structure(fq, fk, t // fq, t // fk)
+      return _classes.compose(fine, fq, fk, block_q, block_kv, nq, nk)
     # Frame pairs share their spatial pattern by type: sink, band(hw), diag, none.
     i = np.arange(f)
     hw, diag = _radial_hw(np.abs(i[:, None] - i[None, :]), s)

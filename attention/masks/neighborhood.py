@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -106,11 +107,9 @@ class GridMask(base.Mask, abc.ABC):
       if p % block_q == 0 and p % block_kv == 0:
         split = j
         break
-    if split is None:
-      return None
+    if split is None or int(np.prod(self.grid[split:]))**2 > _MAX_INNER:
+      return self._composed_structure(block_q, block_kv, nq, nk)
     p = int(np.prod(self.grid[split:]))
-    if p * p > _MAX_INNER:
-      return None
     inner = _kron_and(list(self._tables[split:]))  # [P, P]
     outer = _kron_and(list(self._tables[:split]))  # [T / P, T / P]
     ids: dict[bytes, int] = {}
@@ -123,6 +122,22 @@ class GridMask(base.Mask, abc.ABC):
     bitmaps = _classes.stack_bitmaps(bitmaps, block_q, block_kv)
     return (state.reshape(nq, nk).astype(np.int8),
             pidx.reshape(nq, nk).astype(np.int32), bitmaps)
+
+
+  def _composed_structure(self, block_q, block_kv, nq, nk):
+    """Blocks that do not divide the grid: compose from gcd-sized fine tiles."""
+    for j in range(len(self.grid) - 1, -1, -1):
+      p = int(np.prod(self.grid[j:]))
+      if p * p > _MAX_INNER:
+        break
+      fq, fk = math.gcd(block_q, p), math.gcd(block_kv, p)
+      if fq * fk < 64 or (fq, fk) == (block_q, block_kv):
+        continue
+      t = self.shape[0]
+      fine = self._block_structure(fq, fk, t // fq, t // fk)
+      if fine is not None:
+        return _classes.compose(fine, fq, fk, block_q, block_kv, nq, nk)
+    return None
 
 
 def neighborhood_axis(n: int, window: int, stride: int, dilation: int,

@@ -261,3 +261,19 @@ def test_large_masks_compile_without_dense():
   evaluated = sum(int(np.prod(c)) for c in calls)
   assert evaluated <= 64 * 128 * 128  # only the 64 diagonal tiles
   assert bm.stats()['partial_blocks'] == 64
+
+
+@pytest.mark.parametrize('mask,bq,bk', [
+    (masks.neighborhood((16, 16), 5), 24, 40),
+    (masks.neighborhood((12, 20), (3, 7), (1, 2), 1, (True, False)), 48, 80),
+    (masks.neighborhood((8, 8, 8), 3, 1, (2, 1, 1)), 96, 64),
+    (masks.radial(5, 40), 16, 24),
+    (masks.radial(4, 48), 32, 64),
+])
+def test_structure_composed_from_fine_tiles(mask, bq, bk):
+  # Blocks that do not divide the grid / frame: the exact structure is assembled
+  # from gcd-sized tiles; it must agree with the dense mask everywhere.
+  t, s = mask.shape
+  structure = mask._block_structure(bq, bk, -(-t // bq), -(-s // bk))  # pylint: disable=protected-access
+  assert structure is not None
+  check_block_mask(mask, bq, bk)
