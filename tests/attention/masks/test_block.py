@@ -277,3 +277,23 @@ def test_structure_composed_from_fine_tiles(mask, bq, bk):
   structure = mask._block_structure(bq, bk, -(-t // bq), -(-s // bk))  # pylint: disable=protected-access
   assert structure is not None
   check_block_mask(mask, bq, bk)
+
+
+@hypothesis.given(name=st.sampled_from(sorted(SMALL_MASKS)),
+                  bq=st.integers(1, 24), bk=st.integers(1, 24))
+def test_any_block_sizes(name, bq, bk):
+  check_block_mask(SMALL_MASKS[name], bq, bk)
+
+
+def test_large_grid_uses_no_predicate(monkeypatch):
+  # The 65,536-token 2-D neighborhood compiles from per-axis tables alone.
+  def boom(*args):
+    raise AssertionError('predicate evaluated')
+
+  monkeypatch.setattr(masks.Neighborhood, '_predicate', boom)
+  block.clear_cache()
+  bm = masks.compile_mask(masks.neighborhood((256, 256), 9), 128, 128)
+  st_ = bm.stats()
+  assert st_['num_q_blocks'] == 512 and st_['full_blocks'] == 0
+  np.testing.assert_allclose(st_['density'], 81 / 65536)
+  block.clear_cache()
