@@ -170,8 +170,13 @@ class Mask(abc.ABC):
         '`and`, `or`, `not`.')
 
   def _key(self) -> tuple[Any, ...]:
-    return (type(self),) + tuple(
-        _fingerprint(getattr(self, f.name)) for f in dataclasses.fields(self))
+    # Computed once per (immutable) instance: array fields are hashed by content.
+    key = self.__dict__.get('_mask_key')
+    if key is None:
+      key = (type(self),) + tuple(
+          _fingerprint(getattr(self, f.name)) for f in dataclasses.fields(self))
+      self.__dict__['_mask_key'] = key
+    return key
 
   def __hash__(self) -> int:
     return hash(self._key())

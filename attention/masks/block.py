@@ -410,8 +410,11 @@ def compile_mask(mask: base.Mask, block_q: int, block_kv: int,
   """Compiles a mask to a BlockMask (cached: the same mask compiles once).
 
   Never builds the dense T x S array: tiles are classified analytically (the mask's
-  `_block_classes` / `_block_structure`) or strip by strip, and only PARTIAL tiles
-  are evaluated. Identical heads are compiled and stored once.
+  `_block_classes` / `_block_structure`) and only PARTIAL tiles are evaluated. Masks
+  without an analytic rule (Dense, Permuted, user subclasses) are classified one
+  q-block strip at a time, which evaluates the predicate T x S times (no dense
+  storage, but slow for very long sequences). Identical heads are compiled and
+  stored once.
 
   Args:
     mask: a `Mask` object (use `base.from_array` for a dense array).
