@@ -17,8 +17,7 @@ import numpy as np
 
 from attention import masks
 from attention.masks import block
-
-SUITES = ('quick', 'cpu_core', 'full')
+from experiments.benchmarks import common
 
 
 def _time_compile(make: Callable[[], masks.Mask], block_q: int, block_kv: int,
@@ -111,8 +110,7 @@ def _cases(suite: str):
 
 def run(suite: str, workdir: str) -> list[dict[str, Any]]:
   """Compile-time and stats rows; writes two PNGs of block structures to workdir."""
-  if suite not in SUITES:
-    raise ValueError(f'suite must be one of {SUITES}, got {suite!r}.')
+  common.check_suite(suite)
   if not isinstance(workdir, str) or not workdir:
     raise ValueError(f'workdir must be a non-empty path, got {workdir!r}.')
   os.makedirs(workdir, exist_ok=True)
