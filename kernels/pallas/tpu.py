@@ -1,0 +1,527 @@
+"""Block-sparse flash attention for TPU (Pallas Mosaic), driven by a `BlockMask`.
+
+FlashAttention-2 (Dao, 2023) restricted to the active tiles of the compiled mask, with
+the structure of JAX's splash attention (`jax.experimental.pallas.ops.tpu.
+splash_attention`): the active kv-block list of every (query head, q block) is
+scalar-prefetched into SMEM and the k/v index maps read it, so the grid
+(batch, head, q block, step) visits only active tiles; steps past a row's count are
+skipped with `pl.when` and re-use the previous block index (no new DMA). FULL tiles run
+without mask work; PARTIAL tiles read their deduplicated bitmap block.
+
+Three kernels: forward (out, lse), dq (over the kv lists) and a fused dk/dv kernel
+(over the transposed q lists, accumulating the G = N // K query heads of one kv head
+in VMEM scratch, so k/v and dk/dv are never repeated per query head).
+
+Tiling (Mosaic): block_q and block_kv are multiples of 128 (each is the lane dimension
+of a logits tile in one of the kernels); head dims are whole blocks (any size; a
+multiple of 128 fills the MXU). Running statistics m / l are (block_q, 128) lane-
+replicated VMEM scratch; segment ids and lse are passed lane- or sublane-replicated.
+On CPU the kernels run with `interpret=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import numpy as np
+
+from attention.masks import base as masks_base
+from kernels.pallas import common
+
+NUM_LANES = 128
+NUM_SUBLANES = 8
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_KV = 128
+_NAME = "implementation='pallas_tpu'"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (multiples of 128 on TPU)."""
+  block_q: int = DEFAULT_BLOCK_Q
+  block_kv: int = DEFAULT_BLOCK_KV
+
+  def __post_init__(self):
+    common.check_block('block_q', self.block_q, multiple=NUM_LANES)
+    common.check_block('block_kv', self.block_kv, multiple=NUM_LANES)
+
+
+def _lanes(x: jax.Array, width: int) -> jax.Array:
+  """A lane-replicated [rows, 128] statistic as [rows, width]."""
+  if width % NUM_LANES == 0:
+    return jnp.tile(x, (1, width // NUM_LANES))
+  return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
+
+
+def _logits(q, k, scale, soft_cap, dims):
+  """Scaled (and soft-capped) logits in float32, plus tanh for the soft-cap grad."""
+  s = lax.dot_general(q, k, dims, preferred_element_type=jnp.float32) * scale
+  if soft_cap is None:
+    return s, None
+  t = jnp.tanh(s / soft_cap)
+  return soft_cap * t, t
+
+
+def _visible(masked: bool, mask_ref, q_ids, kv_ids):
+  """Visibility of the tile (None = all visible): bitmap AND same segment."""
+  vis = mask_ref[...] if masked else None
+  if q_ids is not None:
+    same = q_ids == kv_ids
+    vis = same if vis is None else jnp.logical_and(vis, same)
+  return vis
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
+                cfg: common.Config, bq: int, bk: int, steps: int):
+  del kv_idx_ref, kv_fetch_ref
+  refs = list(refs)
+  q_ref, k_ref, v_ref = refs[:3]
+  pos = 3
+  q_seg_ref = kv_seg_ref = sinks_ref = mask_ref = None
+  if cfg.has_segments:
+    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
+    pos += 2
+  if cfg.has_sinks:
+    sinks_ref = refs[pos]
+    pos += 1
+  if cfg.plan.has_partial:
+    mask_ref = refs[pos]
+    pos += 1
+  o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[pos:]
+  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  hv = acc_ref.shape[-1]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    if sinks_ref is not None:
+      # The sink is one more logit with zero value: start from m = sink, l = 1.
+      m_ref[...] = jnp.full(m_ref.shape, sinks_ref[n], jnp.float32)
+      l_ref[...] = jnp.ones_like(l_ref)
+    else:
+      m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
+      l_ref[...] = jnp.zeros_like(l_ref)
+
+  def step(masked: bool):
+    s, _ = _logits(q_ref[...], k_ref[...], cfg.scale, cfg.soft_cap, NT_DIMS)
+    q_ids = kv_ids = None
+    if q_seg_ref is not None:
+      q_ids = _lanes(q_seg_ref[...], bk)  # [bq, bk]
+      kv_ids = kv_seg_ref[:1, :]  # [1, bk]
+    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    if vis is not None:
+      s = jnp.where(vis, s, common.MASK_VALUE)
+    m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - _lanes(m_next, bk))  # [bq, bk]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)  # rows with nothing visible yet stay at 0
+    alpha = jnp.exp(m_prev - m_next)
+    l_ref[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+    m_ref[...] = m_next
+    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN_DIMS,
+                         preferred_element_type=jnp.float32)  # [bq, Hv]
+    acc_ref[...] = _lanes(alpha, hv) * acc_ref[...] + pv
+
+  run = j < kv_cnt_ref[n, i]
+  if mask_ref is None:
+    pl.when(run)(lambda: step(False))
+  else:
+    is_partial = kv_part_ref[n, i, j] >= 0
+    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
+        lambda: step(False))
+    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    l = l_ref[...]
+    has = l > 0.0
+    inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
+    o_ref[...] = (acc_ref[...] * _lanes(inv, hv)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l, 1.0)),
+                             -jnp.inf)
+
+
+def _segment_inputs(q_seg, kv_seg):
+  """q ids lane-replicated [B, Tp, 128], kv ids sublane-replicated [B, 8, Sp]."""
+  b, tp = q_seg.shape
+  sp = kv_seg.shape[1]
+  q_lanes = lax.broadcast_in_dim(q_seg, (b, tp, NUM_LANES), (0, 1))
+  kv_rows = lax.broadcast_in_dim(kv_seg, (b, NUM_SUBLANES, sp), (0, 2))
+  return q_lanes, kv_rows
+
+
+def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  hv = v.shape[-1]
+  g = cfg.group
+  steps = plan.kv_indices.shape[-1]
+  grid = (b, n, tp // bq, steps)
+
+  def q_map(bi, ni, i, j, *_):
+    return bi, ni, i, 0
+
+  def kv_map(bi, ni, i, j, idx, *_):
+    return bi, lax.div(ni, g), idx[ni, i, j], 0
+
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map)]
+  args = [q, k, v]
+  if cfg.has_segments:
+    q_lanes, kv_rows = _segment_inputs(q_seg, kv_seg)
+    in_specs += [
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec((None, NUM_SUBLANES, bk),
+                     lambda bi, ni, i, j, idx, *_: (bi, 0, idx[ni, i, j])),
+    ]
+    args += [q_lanes, kv_rows]
+  if cfg.has_sinks:
+    in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+    args.append(sinks.astype(jnp.float32))
+  if plan.has_partial:
+    in_specs.append(pl.BlockSpec(
+        (None, bq, bk),
+        lambda bi, ni, i, j, idx, cnt, part, fetch: (fetch[ni, i, j], 0, 0)))
+    args.append(jnp.asarray(plan.partial_masks))
+  out_specs = [pl.BlockSpec((None, None, bq, hv), q_map),
+               pl.BlockSpec((None, None, bq, NUM_LANES), q_map)]
+  out_shape = [jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
+               jax.ShapeDtypeStruct((b, n, tp, NUM_LANES), jnp.float32)]
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
+          out_specs=out_specs,
+          scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, hv), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary')),
+      out_shape=out_shape,
+      interpret=cfg.interpret,
+      name='block_sparse_flash_fwd',
+  )(jnp.asarray(plan.kv_indices), jnp.asarray(plan.kv_counts),
+    jnp.asarray(plan.kv_part), jnp.asarray(plan.kv_fetch), *args)
+  return out, lse[..., 0]
+
+
+# ------------------------------------------------------------------ backward: dq
+
+
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
+               cfg: common.Config, bk: int, steps: int):
+  del kv_idx_ref, kv_fetch_ref
+  refs = list(refs)
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[:6]
+  pos = 6
+  q_seg_ref = kv_seg_ref = mask_ref = None
+  if cfg.has_segments:
+    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
+    pos += 2
+  if cfg.plan.has_partial:
+    mask_ref = refs[pos]
+    pos += 1
+  dq_ref, acc_ref = refs[pos:]
+  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked: bool):
+    k = k_ref[...]
+    s, t = _logits(q_ref[...], k, cfg.scale, cfg.soft_cap, NT_DIMS)
+    q_ids = kv_ids = None
+    if q_seg_ref is not None:
+      q_ids = _lanes(q_seg_ref[...], bk)
+      kv_ids = kv_seg_ref[:1, :]
+    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    p = jnp.exp(s - _lanes(lse_ref[...], bk))  # [bq, bk]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)
+    dp = lax.dot_general(do_ref[...], v_ref[...], NT_DIMS,
+                         preferred_element_type=jnp.float32)  # [bq, bk]
+    ds = p * (dp - _lanes(di_ref[...], bk))
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
+                                    preferred_element_type=jnp.float32)
+
+  run = j < kv_cnt_ref[n, i]
+  if mask_ref is None:
+    pl.when(run)(lambda: step(False))
+  else:
+    is_partial = kv_part_ref[n, i, j] >= 0
+    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
+        lambda: step(False))
+    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  hv = v.shape[-1]
+  g = cfg.group
+  steps = plan.kv_indices.shape[-1]
+
+  def q_map(bi, ni, i, j, *_):
+    return bi, ni, i, 0
+
+  def kv_map(bi, ni, i, j, idx, *_):
+    return bi, lax.div(ni, g), idx[ni, i, j], 0
+
+  lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map),
+              pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+              pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+              pl.BlockSpec((None, None, bq, hv), q_map)]
+  args = [q, k, v, lanes(lse), lanes(di), do]
+  if cfg.has_segments:
+    q_lanes, kv_rows = _segment_inputs(q_seg, kv_seg)
+    in_specs += [
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec((None, NUM_SUBLANES, bk),
+                     lambda bi, ni, i, j, idx, *_: (bi, 0, idx[ni, i, j])),
+    ]
+    args += [q_lanes, kv_rows]
+  if plan.has_partial:
+    in_specs.append(pl.BlockSpec(
+        (None, bq, bk),
+        lambda bi, ni, i, j, idx, cnt, part, fetch: (fetch[ni, i, j], 0, 0)))
+    args.append(jnp.asarray(plan.partial_masks))
+  kernel = functools.partial(_dq_kernel, cfg=cfg, bk=bk, steps=steps)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=(b, n, tp // bq, steps),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((None, None, bq, h), q_map),
+          scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary')),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=cfg.interpret,
+      name='block_sparse_flash_dq',
+  )(jnp.asarray(plan.kv_indices), jnp.asarray(plan.kv_counts),
+    jnp.asarray(plan.kv_part), jnp.asarray(plan.kv_fetch), *args)
+
+
+# ------------------------------------------------------------------ backward: dk, dv
+
+
+def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, *refs,
+                cfg: common.Config, bq: int, steps: int):
+  del q_idx_ref, q_fetch_ref
+  refs = list(refs)
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[:6]
+  pos = 6
+  q_seg_ref = kv_seg_ref = mask_ref = None
+  if cfg.has_segments:
+    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
+    pos += 2
+  if cfg.plan.has_partial:
+    mask_ref = refs[pos]
+    pos += 1
+  dk_ref, dv_ref, dk_acc, dv_acc = refs[pos:]
+  kh, kb, gi, j = (pl.program_id(1), pl.program_id(2), pl.program_id(3),
+                   pl.program_id(4))
+  n = kh * cfg.group + gi
+
+  @pl.when(jnp.logical_and(gi == 0, j == 0))
+  def _init():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    do = do_ref[...]
+    # Transposed tile: kv positions on sublanes, q positions on lanes.
+    s, t = _logits(k_ref[...], q, cfg.scale, cfg.soft_cap, NT_DIMS)  # [bk, bq]
+    q_ids = kv_ids = None
+    if q_seg_ref is not None:
+      kv_ids = _lanes(kv_seg_ref[...], bq)  # [bk, bq]
+      q_ids = q_seg_ref[:1, :]  # [1, bq]
+    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    p = jnp.exp(s - lse_ref[:1, :])  # [bk, bq]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)
+    dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, NN_DIMS,
+                                   preferred_element_type=jnp.float32)
+    dp = lax.dot_general(v_ref[...], do, NT_DIMS,
+                         preferred_element_type=jnp.float32)  # [bk, bq]
+    ds = p * (dp - di_ref[:1, :])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
+                                   preferred_element_type=jnp.float32)
+
+  run = j < q_cnt_ref[n, kb]
+  if mask_ref is None:
+    pl.when(run)(lambda: step(False))
+  else:
+    is_partial = q_part_ref[n, kb, j] >= 0
+    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
+        lambda: step(False))
+    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+
+  @pl.when(jnp.logical_and(gi == cfg.group - 1, j == steps - 1))
+  def _finish():
+    dk_ref[...] = (dk_acc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  kh_count, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
+  g = cfg.group
+  steps = plan.q_indices.shape[-1]
+  grid = (b, kh_count, sp // bk, g, steps)
+
+  def q_map(bi, kh, kb, gi, j, idx, *_):
+    nn = kh * g + gi
+    return bi, nn, idx[nn, kb, j], 0
+
+  def row_map(bi, kh, kb, gi, j, idx, *_):
+    nn = kh * g + gi
+    return bi, nn, 0, idx[nn, kb, j]
+
+  def kv_map(bi, kh, kb, gi, j, *_):
+    return bi, kh, kb, 0
+
+  rows = lambda x: lax.broadcast_in_dim(
+      x, (b, n, NUM_SUBLANES, tp), (0, 1, 3))  # [B, N, 8, Tp]
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map),
+              pl.BlockSpec((None, None, NUM_SUBLANES, bq), row_map),
+              pl.BlockSpec((None, None, NUM_SUBLANES, bq), row_map),
+              pl.BlockSpec((None, None, bq, hv), q_map)]
+  args = [q, k, v, rows(lse), rows(di), do]
+  if cfg.has_segments:
+    q_rows = lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, tp), (0, 2))
+    kv_lanes = lax.broadcast_in_dim(kv_seg, (b, sp, NUM_LANES), (0, 1))
+    in_specs += [
+        pl.BlockSpec((None, NUM_SUBLANES, bq),
+                     lambda bi, kh, kb, gi, j, idx, *_: (
+                         bi, 0, idx[kh * g + gi, kb, j])),
+        pl.BlockSpec((None, bk, NUM_LANES),
+                     lambda bi, kh, kb, gi, j, *_: (bi, kb, 0)),
+    ]
+    args += [q_rows, kv_lanes]
+  if plan.has_partial:
+    # Bitmaps transposed once (static) to the [bk, bq] orientation of this kernel.
+    in_specs.append(pl.BlockSpec(
+        (None, bk, bq),
+        lambda bi, kh, kb, gi, j, idx, cnt, part, fetch: (
+            fetch[kh * g + gi, kb, j], 0, 0)))
+    args.append(jnp.asarray(
+        np.ascontiguousarray(plan.partial_masks.transpose(0, 2, 1))))
+  kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, steps=steps)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
+          out_specs=[pl.BlockSpec((None, None, bk, h), kv_map),
+                     pl.BlockSpec((None, None, bk, hv), kv_map)],
+          scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32),
+                          pltpu.VMEM((bk, hv), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary', 'arbitrary')),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=cfg.interpret,
+      name='block_sparse_flash_dkv',
+  )(jnp.asarray(plan.q_indices), jnp.asarray(plan.q_counts),
+    jnp.asarray(plan.q_part), jnp.asarray(plan.q_fetch), *args)
+
+
+def _backward(cfg, q, k, v, q_seg, kv_seg, lse, di, do):
+  dq = _dq(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
+  return dq, dk, dv
+
+
+_flash = common.make_flash(_forward, _backward)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def unsupported(*, query=None, key=None, value=None, bias=None, mask=None,
+                mask_obj=None, **kwargs) -> str | None:
+  """Why these inputs cannot run on this kernel (None: they can)."""
+  del key, value
+  return common.unsupported(name=_NAME, bias=bias, mask=mask,
+                            mask_obj=mask_obj, query=query, **kwargs)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias: jax.Array | None = None,
+              mask: jax.Array | None = None,
+              mask_obj: masks_base.Mask | None = None,
+              logits_soft_cap: float | None = None,
+              sinks: jax.Array | None = None,
+              q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None,
+              return_residuals: bool = False,
+              block_sizes: BlockSizes | None = None,
+              interpret: bool | None = None):
+  """Block-sparse flash attention on TPU (see `attention.dot_product_attention`).
+
+  Args (beyond the dispatch contract):
+    block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples).
+    interpret: run the Pallas interpreter; default True unless the backend is TPU.
+
+  Returns:
+    out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
+  """
+  reason = unsupported(bias=bias, mask=mask, mask_obj=mask_obj)
+  if reason:
+    raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
+  if block_sizes is None:
+    block_sizes = BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
+                    f'{type(block_sizes).__name__}.')
+  if interpret is None:
+    interpret = jax.default_backend() != 'tpu'
+  b, t, n, _ = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  del b
+  full_mask = common.effective_mask(mask_obj, mask, t, s, n)
+  plan = common.make_plan(full_mask, block_sizes.block_q, block_sizes.block_kv,
+                          n)
+  cfg = common.Config(plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
+                      num_kv_heads=kh, has_sinks=sinks is not None,
+                      has_segments=q_segment_ids is not None,
+                      interpret=bool(interpret))
+  return common.run(_flash, cfg, query, key, value, sinks, q_segment_ids,
+                    kv_segment_ids, return_residuals)
