@@ -288,3 +288,10 @@ def check_block(name: str, value: Any, *, multiple: int = 1,
 
 def next_power_of_two(x: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+def kv_head(query_head: jax.Array, group: int) -> jax.Array:
+  """KV head of a query head in an index map (GQA: n // G, as int32 for Mosaic)."""
+  if group == 1:
+    return query_head
+  return jax.lax.div(query_head, jnp.asarray(group, query_head.dtype))

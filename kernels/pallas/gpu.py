@@ -174,7 +174,7 @@ def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
   g = cfg.group
   args, in_specs = _tables(plan, 'kv')
   q_map = lambda bi, ni, i: (bi, ni, i, 0)
-  kv_map = lambda bi, ni, i: (bi, lax.div(ni, g), 0, 0)
+  kv_map = lambda bi, ni, i: (bi, common.kv_head(ni, g), 0, 0)
   in_specs += [pl.BlockSpec((None, None, bq, h), q_map),
                pl.BlockSpec((None, None, sp, h), kv_map),
                pl.BlockSpec((None, None, sp, hv), kv_map)]
@@ -256,7 +256,7 @@ def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
   args, in_specs = _tables(plan, 'kv')
   q_map = lambda bi, ni, i: (bi, ni, i, 0)
   row_map = lambda bi, ni, i: (bi, ni, i)
-  kv_map = lambda bi, ni, i: (bi, lax.div(ni, g), 0, 0)
+  kv_map = lambda bi, ni, i: (bi, common.kv_head(ni, g), 0, 0)
   in_specs += [pl.BlockSpec((None, None, bq, h), q_map),
                pl.BlockSpec((None, None, sp, h), kv_map),
                pl.BlockSpec((None, None, sp, hv), kv_map),

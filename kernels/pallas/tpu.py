@@ -176,7 +176,7 @@ def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
     return bi, ni, i, 0
 
   def kv_map(bi, ni, i, j, idx, *_):
-    return bi, lax.div(ni, g), idx[ni, i, j], 0
+    return bi, common.kv_head(ni, g), idx[ni, i, j], 0
 
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
               pl.BlockSpec((None, None, bk, h), kv_map),
@@ -290,7 +290,7 @@ def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
     return bi, ni, i, 0
 
   def kv_map(bi, ni, i, j, idx, *_):
-    return bi, lax.div(ni, g), idx[ni, i, j], 0
+    return bi, common.kv_head(ni, g), idx[ni, i, j], 0
 
   lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
