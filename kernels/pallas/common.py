@@ -54,34 +54,20 @@ def _is_tracer(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def unsupported(*, name: str, bias, mask, mask_obj, query=None,
-                **unused) -> str | None:
-  """Reasons shared by both Pallas kernels (None: supported).
+def static_mask_array(mask: Any) -> bool:
+  """Whether a dense `mask` array can be compiled into the BlockMask.
 
-  The kernels take visibility only from a static BlockMask (plus segment ids), so a
-  dense `mask` array must be concrete and batch-independent (it is compiled into the
-  BlockMask); additive `bias` is not implemented.
+  It must be concrete (not traced) and batch-independent; other mask arrays are
+  applied in-kernel as an additive 0 / -inf bias tile (O(T * S) memory).
   """
-  del mask_obj, query, unused
-  if bias is not None:
-    return (f'{name} does not implement additive `bias` (use implementation='
-            "'xla' or 'reference')")
-  if mask is not None:
-    if _is_tracer(mask):
-      return (f'{name} needs a concrete `mask` array to compile its BlockMask; '
-              'got a traced array (pass a Mask object, e.g. '
-              'attention.masks.from_array, or compute the mask outside jit)')
-    if mask.shape[0] != 1:
-      return (f'{name} needs a batch-independent `mask` (dim 0 of size 1) to '
-              f'compile its BlockMask; got shape {tuple(mask.shape)}')
-  return None
+  return mask is not None and not _is_tracer(mask) and mask.shape[0] == 1
 
 
 def effective_mask(mask_obj: masks_base.Mask | None, mask: Any, t: int, s: int,
                    n: int) -> masks_base.Mask:
-  """One static Mask: mask_obj AND the (concrete, batch-free) dense mask array."""
+  """One static Mask: mask_obj AND the dense mask array if it is static."""
   result = mask_obj
-  if mask is not None:
+  if static_mask_array(mask):
     dense = np.asarray(mask, dtype=bool)[0]  # [N or 1, T or 1, S or 1]
     if dense.shape[0] == 1:
       dense = np.broadcast_to(dense[0], (t, s))
@@ -111,12 +97,14 @@ def _forward_fill(part: np.ndarray, counts: np.ndarray) -> np.ndarray:
 class Plan:
   """Static per-call tables derived from a BlockMask (NumPy; hashed by identity).
 
-  Forward / dq lists are [N, nq, A] (one row per query head, expanded through
-  `head_map`), dk/dv lists [N, nk, Aq]. `*_part` is the bitmap index (-1 = FULL) and
-  `*_fetch` the bitmap block to fetch at each step (see `_forward_fill`).
+  Tables are per unique head pattern (row `head_map[n]` serves query head n), as in
+  the BlockMask: forward / dq lists [U, nq, A], dk/dv lists [U, nk, Aq]. `*_part` is
+  the bitmap index (-1 = FULL) and `*_fetch` the bitmap block to fetch at each step
+  (see `_forward_fill`).
   """
   block_mask: masks_block.BlockMask
   num_heads: int
+  head_map: np.ndarray  # int32 [N]
   kv_indices: np.ndarray
   kv_counts: np.ndarray
   kv_part: np.ndarray
@@ -144,33 +132,40 @@ class Plan:
   def padded_kv_len(self) -> int:
     return self.block_mask.padded_kv_len
 
+  def tables(self, which: str) -> list[np.ndarray]:
+    """[head_map, indices, counts, part, fetch] for 'kv' (fwd, dq) or 'q' (dk/dv)."""
+    return [self.head_map] + [getattr(self, f'{which}_{name}') for name in
+                              ('indices', 'counts', 'part', 'fetch')]
+
+  def table_bytes(self) -> int:
+    """Bytes of int32 scalar tables one kernel prefetches (the larger direction)."""
+    return 4 * max(sum(a.size for a in self.tables(w)) for w in ('kv', 'q'))
+
 
 @functools.lru_cache(maxsize=128)
 def make_plan(mask: masks_base.Mask, block_q: int, block_kv: int,
               num_heads: int) -> Plan:
-  """Compiles `mask` and expands its tables per query head (cached)."""
+  """Compiles `mask` into kernel tables for `num_heads` query heads (cached)."""
   bm = masks_block.compile_mask(
       mask, block_q, block_kv,
       num_heads=num_heads if mask.head_dependent else None)
   head_map = (bm.head_map if len(bm.head_map) == num_heads else
               np.zeros((num_heads,), np.int32))
 
-  def expand(idx, cnt, part):
-    idx, cnt, part = idx[head_map], cnt[head_map], part[head_map]
-    fetch = _forward_fill(part, cnt)
-    arrays = [np.ascontiguousarray(x, dtype=np.int32)
-              for x in (idx, cnt, part, fetch)]
-    for a in arrays:
-      a.setflags(write=False)
-    return arrays
+  def tables(idx, cnt, part):
+    return [np.ascontiguousarray(x, dtype=np.int32)
+            for x in (idx, cnt, part, _forward_fill(part, cnt))]
 
-  kv = expand(bm.kv_indices, bm.kv_counts, bm.kv_partial)
-  qs = expand(bm.q_indices, bm.q_counts, bm.q_partial)
+  kv = tables(bm.kv_indices, bm.kv_counts, bm.kv_partial)
+  qs = tables(bm.q_indices, bm.q_counts, bm.q_partial)
+  head_map = np.ascontiguousarray(head_map, dtype=np.int32)
+  for a in kv + qs + [head_map]:
+    a.setflags(write=False)
   has_partial = bm.partial_masks.shape[0] > 0
   partial = (bm.partial_masks if has_partial else
              np.zeros((1, block_q, block_kv), dtype=bool))
-  return Plan(block_mask=bm, num_heads=num_heads, kv_indices=kv[0],
-              kv_counts=kv[1], kv_part=kv[2], kv_fetch=kv[3],
+  return Plan(block_mask=bm, num_heads=num_heads, head_map=head_map,
+              kv_indices=kv[0], kv_counts=kv[1], kv_part=kv[2], kv_fetch=kv[3],
               q_indices=qs[0], q_counts=qs[1], q_part=qs[2], q_fetch=qs[3],
               partial_masks=partial, has_partial=has_partial)
 
@@ -185,52 +180,67 @@ class Config:
   has_sinks: bool
   has_segments: bool
   interpret: bool
+  bias_batch: bool | None = None  # None: no bias; else bias has a batch dim > 1
+  bias_heads: bool = False  # bias has a head dim > 1
   extra: Any = None  # kernel-specific settings (e.g. GPU num_warps)
 
   @property
   def group(self) -> int:
     return self.plan.num_heads // self.num_kv_heads
 
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_batch is not None
 
-# fwd(cfg, q, k, v, sinks, q_seg, kv_seg) -> (out [B,N,Tp,Hv], lse [B,N,Tp] f32)
+  def bias_index(self, b, n):
+    """Batch / head block index of the bias for batch b, query head n."""
+    return (b if self.bias_batch else 0), (n if self.bias_heads else 0)
+
+
+# fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out [B,N,Tp,Hv], lse [B,N,Tp])
 ForwardFn = Callable[..., tuple[jax.Array, jax.Array]]
-# bwd(cfg, q, k, v, q_seg, kv_seg, lse, di, do) -> (dq, dk, dv)
-BackwardFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+# bwd(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do) -> (dq, dk, dv, dlogits),
+# dlogits [B, N, Tp, Sp] float32 (the bias gradient) or None without bias.
+BackwardFn = Callable[..., tuple[jax.Array, ...]]
 
 
 def make_flash(forward: ForwardFn, backward: BackwardFn):
   """Wires a forward and a backward kernel into one `custom_vjp` function.
 
-  The returned f(cfg, q, k, v, sinks, q_seg, kv_seg) -> (out, lse) works on padded,
-  head-major inputs. The backward pass folds the lse cotangent into
+  The returned f(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out, lse) works on
+  padded, head-major inputs (bias [Bb, Nb, Tp, Sp] with Bb in {1, B}, Nb in {1, N}). The backward pass folds the lse cotangent into
   delta_i = rowsum(o_i * do_i) - dlse_i (FlashAttention-2, Alg. 2), so
   dS = P * (dP - delta) covers both, and the sink gradient is
   dsink_h = -sum_{b,t} exp(sink_h - lse) * delta.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-  def flash(cfg, q, k, v, sinks, q_seg, kv_seg):
-    return forward(cfg, q, k, v, sinks, q_seg, kv_seg)
+  def flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
+    return forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
 
-  def flash_fwd(cfg, q, k, v, sinks, q_seg, kv_seg):
-    out, lse = forward(cfg, q, k, v, sinks, q_seg, kv_seg)
-    return (out, lse), (q, k, v, sinks, q_seg, kv_seg, out, lse)
+  def flash_fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
+    out, lse = forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+    return (out, lse), (q, k, v, bias, sinks, q_seg, kv_seg, out, lse)
 
   def flash_bwd(cfg, res, cts):
-    q, k, v, sinks, q_seg, kv_seg, out, lse = res
+    q, k, v, bias, sinks, q_seg, kv_seg, out, lse = res
     do, dlse = cts
     di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     di = di - dlse.astype(jnp.float32)  # [B, N, Tp]
     # Rows that see nothing have lse = -inf; +inf makes every exp() vanish.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-    dq, dk, dv = backward(cfg, q, k, v, q_seg, kv_seg, lse_safe, di,
-                          do.astype(q.dtype))
+    dq, dk, dv, dlogits = backward(cfg, q, k, v, bias, q_seg, kv_seg,
+                                   lse_safe, di, do.astype(q.dtype))
+    dbias = None
+    if bias is not None:  # sum the logits gradient over broadcast dims
+      axes = tuple(a for a in (0, 1) if bias.shape[a] == 1)
+      dbias = jnp.sum(dlogits, axis=axes, keepdims=True).astype(bias.dtype)
     dsinks = None
     if sinks is not None:
       p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_safe)
       dsinks = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
     seg_ct = lambda s: None if s is None else np.zeros(s.shape, jax.dtypes.float0)
-    return dq, dk, dv, dsinks, seg_ct(q_seg), seg_ct(kv_seg)
+    return dq, dk, dv, dbias, dsinks, seg_ct(q_seg), seg_ct(kv_seg)
 
   flash.defvjp(flash_fwd, flash_bwd)
   return flash
@@ -246,10 +256,38 @@ def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
+def logits_bias(bias, mask, shape) -> jax.Array | None:
+  """The additive bias tile source [Bb, Nb, T, S], or None.
+
+  `bias` (broadcastable to [B, N, T, S]) plus, for a dense `mask` array that cannot
+  be compiled into the BlockMask (traced or per batch), 0 where visible and -inf
+  where not (exp(-inf) = 0 exactly, so this equals masking).
+  """
+  b, n, t, s = shape
+  dyn = None if mask is None or static_mask_array(mask) else mask
+  if bias is None and dyn is None:
+    return None
+  parts = [x for x in (bias, dyn) if x is not None]
+  lead = tuple(max(x.shape[a] for x in parts) for a in (0, 1))
+  target = lead + (t, s)
+  out = None
+  if bias is not None:
+    out = jnp.broadcast_to(bias, target)
+  if dyn is not None:
+    dtype = bias.dtype if bias is not None else jnp.float32
+    neg = jnp.where(jnp.broadcast_to(dyn, target), 0.0, -jnp.inf).astype(dtype)
+    out = neg if out is None else out + neg
+  del b, n
+  return out
+
+
 def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
-        sinks, q_segment_ids, kv_segment_ids, return_residuals: bool,
+        bias, sinks, q_segment_ids, kv_segment_ids, return_residuals: bool,
         head_dim_pad: int | None = None, value_dim_pad: int | None = None):
-  """Pads and transposes [B, T, N, H] inputs, runs `flash`, undoes the layout."""
+  """Pads and transposes [B, T, N, H] inputs, runs `flash`, undoes the layout.
+
+  `bias` is the output of `logits_bias` (or None).
+  """
   b, t, n, _ = query.shape
   s = key.shape[1]
   hv = value.shape[-1]
@@ -265,7 +303,9 @@ def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
   if q_segment_ids is not None:
     q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, tp)  # [B, Tp]
     kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, sp)  # [B, Sp]
-  out, lse = flash(cfg, q, k, v, sinks, q_seg, kv_seg)
+  if bias is not None:
+    bias = pad_axis(pad_axis(bias, 2, tp), 3, sp)  # [Bb, Nb, Tp, Sp]
+  out, lse = flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
   out = out[:, :, :t, :hv].transpose(0, 2, 1, 3)  # [B, T, N, Hv]
   del b, n, s
   if return_residuals:

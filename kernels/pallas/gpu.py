@@ -66,16 +66,21 @@ def _compiler_params(cfg: common.Config, head_dim: int):
   return plgpu.CompilerParams(num_warps=warps, num_stages=sizes.num_stages)
 
 
+def _dot(a, b, **kw):
+  """tl.dot with a float32 result (float64 inputs in interpret mode included)."""
+  return plgpu.dot(a, b, **kw).astype(jnp.float32)
+
+
 def _logits(q, k, scale, soft_cap):
   """Scaled (soft-capped) float32 logits [bq, bk] and tanh for the soft-cap grad."""
-  s = plgpu.dot(q, k, trans_b=True) * scale
+  s = _dot(q, k, trans_b=True) * scale
   if soft_cap is None:
     return s, None
   t = jnp.tanh(s / soft_cap)
   return soft_cap * t, t
 
 
-def _tile_visibility(cfg, part, pm_ref, bq, q_ids, kv_ids, masked):
+def _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked):
   """Bitmap (if `masked`) AND same segment, or None when all visible."""
   vis = None
   if masked:
@@ -84,7 +89,6 @@ def _tile_visibility(cfg, part, pm_ref, bq, q_ids, kv_ids, masked):
   if q_ids is not None:
     same = q_ids[:, None] == kv_ids[None, :]
     vis = same if vis is None else jnp.logical_and(vis, same)
-  del cfg
   return vis
 
 
@@ -95,27 +99,61 @@ def _branch(cfg, part, masked_fn, full_fn, carry):
   return lax.cond(part >= 0, masked_fn, full_fn, carry)
 
 
+def _unpack(refs, cfg: common.Config, names):
+  """Splits the optional refs (in `names` order) off the front of `refs`."""
+  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
+             'sinks': cfg.has_sinks}
+  out = {}
+  refs = list(refs)
+  for name in names:
+    if name == 'seg':
+      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
+                                     (None, None))
+      refs = refs[2:] if present['seg'] else refs
+    elif present[name]:
+      out[name], refs = refs[0], refs[1:]
+    else:
+      out[name] = None
+  return out, refs
+
+
+def _tables(plan: common.Plan, which: str):
+  """[head_map, indices, counts, part] and the int8 bitmaps [P * bq, bk]."""
+  arrays = [jnp.asarray(a) for a in plan.tables(which)[:4]]
+  pm = plan.partial_masks.astype(np.int8)
+  arrays.append(jnp.asarray(pm.reshape(-1, pm.shape[-1])))
+  return arrays, [_whole(a.shape) for a in arrays]
+
+
+def _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias):
+  """Specs / args of segment ids and bias for the forward and dq grids."""
+  specs, args = [], []
+  if cfg.has_segments:
+    specs += [pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i)),
+              pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))]
+    args += [q_seg, kv_seg]
+  if cfg.has_bias:
+    specs.append(pl.BlockSpec(
+        (None, None, bq, sp),
+        lambda bi, ni, i: (*cfg.bias_index(bi, ni), i, 0)))
+    args.append(bias)
+  return specs, args
+
+
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref, k_ref,
-                v_ref, *refs, cfg: common.Config, bq: int, bk: int):
-  refs = list(refs)
-  q_seg_ref = kv_seg_ref = sinks_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[:2]
-    refs = refs[2:]
-  if cfg.has_sinks:
-    sinks_ref = refs[0]
-    refs = refs[1:]
-  o_ref, lse_ref = refs
+def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
+                k_ref, v_ref, *refs, cfg: common.Config, bq: int, bk: int):
+  opt, (o_ref, lse_ref) = _unpack(refs, cfg, ('seg', 'bias', 'sinks'))
   n, i = pl.program_id(1), pl.program_id(2)
+  u = hm_ref[n]
   q = q_ref[...]
-  q_ids = None if q_seg_ref is None else q_seg_ref[...]
+  q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
   hv = o_ref.shape[-1]
-  if sinks_ref is not None:
+  if opt['sinks'] is not None:
     # The sink is one more logit with zero value: start from m = sink, l = 1.
-    m0 = jnp.full((bq,), sinks_ref[n], jnp.float32)
+    m0 = jnp.full((bq,), opt['sinks'][n], jnp.float32)
     l0 = jnp.ones((bq,), jnp.float32)
   else:
     m0 = jnp.full((bq,), common.MASK_VALUE, jnp.float32)
@@ -123,17 +161,19 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref, k_ref,
   acc0 = jnp.zeros((bq, hv), jnp.float32)
 
   def body(j, carry):
-    kb = kv_idx_ref[n, i, j]
-    part = kv_part_ref[n, i, j]
+    kb = kv_idx_ref[u, i, j]
+    part = kv_part_ref[u, i, j]
     start = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    kv_ids = None if kv_seg_ref is None else kv_seg_ref[pl.ds(start, bk)]
+    kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][pl.ds(start, bk)]
 
     def update(masked, carry):
       acc, m_prev, l_prev = carry
       s, _ = _logits(q, k, cfg.scale, cfg.soft_cap)
-      vis = _tile_visibility(cfg, part, pm_ref, bq, q_ids, kv_ids, masked)
+      if opt['bias'] is not None:
+        s = s + opt['bias'][:, pl.ds(start, bk)].astype(jnp.float32)
+      vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
       if vis is not None:
         s = jnp.where(vis, s, common.MASK_VALUE)
       m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -142,13 +182,13 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref, k_ref,
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_next)
       l_next = alpha * l_prev + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_next, l_next
 
     return _branch(cfg, part, functools.partial(update, True),
                    functools.partial(update, False), carry)
 
-  acc, m, l = lax.fori_loop(0, kv_cnt_ref[n, i], body, (acc0, m0, l0))
+  acc, m, l = lax.fori_loop(0, kv_cnt_ref[u, i], body, (acc0, m0, l0))
   has = l > 0.0
   safe = jnp.where(has, l, 1.0)
   o_ref[...] = jnp.where(has[:, None], acc / safe[:, None],
@@ -156,17 +196,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref, k_ref,
   lse_ref[...] = jnp.where(has, m + jnp.log(safe), -jnp.inf)
 
 
-def _tables(plan: common.Plan, which: str):
-  idx, cnt, part = (getattr(plan, f'{which}_{name}')
-                    for name in ('indices', 'counts', 'part'))
-  pm = plan.partial_masks.astype(np.int8)
-  pm = pm.reshape(-1, pm.shape[-1])  # [P * bq, bk]
-  arrays = [jnp.asarray(idx), jnp.asarray(cnt), jnp.asarray(part),
-            jnp.asarray(pm)]
-  return arrays, [_whole(a.shape) for a in arrays]
-
-
-def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
+def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -179,10 +209,9 @@ def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
                pl.BlockSpec((None, None, sp, h), kv_map),
                pl.BlockSpec((None, None, sp, hv), kv_map)]
   args += [q, k, v]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i)),
-                 pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))]
-    args += [q_seg, kv_seg]
+  specs, extra = _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias)
+  in_specs += specs
+  args += extra
   if cfg.has_sinks:
     in_specs.append(_whole((n,)))
     args.append(sinks.astype(jnp.float32))
@@ -203,51 +232,55 @@ def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
 # ------------------------------------------------------------------ backward: dq
 
 
-def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref, k_ref,
-               v_ref, lse_ref, di_ref, do_ref, *refs, cfg: common.Config,
-               bq: int, bk: int):
-  refs = list(refs)
-  q_seg_ref = kv_seg_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[:2]
-    refs = refs[2:]
-  (dq_ref,) = refs
+def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
+               k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
+               cfg: common.Config, bq: int, bk: int):
+  opt, refs = _unpack(refs, cfg, ('seg', 'bias'))
+  if cfg.has_bias:
+    _, dq_ref, dbias_ref = refs  # refs[0]: the aliased zeros input
+  else:
+    (dq_ref,), dbias_ref = refs, None
   n, i = pl.program_id(1), pl.program_id(2)
+  u = hm_ref[n]
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
   di = di_ref[...]
-  q_ids = None if q_seg_ref is None else q_seg_ref[...]
+  q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
 
   def body(j, dq):
-    kb = kv_idx_ref[n, i, j]
-    part = kv_part_ref[n, i, j]
+    kb = kv_idx_ref[u, i, j]
+    part = kv_part_ref[u, i, j]
     start = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    kv_ids = None if kv_seg_ref is None else kv_seg_ref[pl.ds(start, bk)]
+    kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][pl.ds(start, bk)]
 
     def update(masked, dq):
       s, t = _logits(q, k, cfg.scale, cfg.soft_cap)
-      vis = _tile_visibility(cfg, part, pm_ref, bq, q_ids, kv_ids, masked)
+      if opt['bias'] is not None:
+        s = s + opt['bias'][:, pl.ds(start, bk)].astype(jnp.float32)
+      vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
       p = jnp.exp(s - lse[:, None])
       if vis is not None:
         p = jnp.where(vis, p, 0.0)
-      dp = plgpu.dot(do, v, trans_b=True)  # [bq, bk]
-      ds = p * (dp - di[:, None])
+      dp = _dot(do, v, trans_b=True)  # [bq, bk]
+      ds = p * (dp - di[:, None])  # d logits (after the soft-cap)
+      if dbias_ref is not None:
+        dbias_ref[:, pl.ds(start, bk)] = ds
       if t is not None:
         ds = ds * (1.0 - t * t)
-      return dq + plgpu.dot(ds.astype(k.dtype), k)
+      return dq + _dot(ds.astype(k.dtype), k)
 
     return _branch(cfg, part, functools.partial(update, True),
                    functools.partial(update, False), dq)
 
-  dq = lax.fori_loop(0, kv_cnt_ref[n, i], body,
+  dq = lax.fori_loop(0, kv_cnt_ref[u, i], body,
                      jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -264,71 +297,82 @@ def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
                pl.BlockSpec((None, None, bq), row_map),
                pl.BlockSpec((None, None, bq, hv), q_map)]
   args += [q, k, v, lse, di, do]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i)),
-                 pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))]
-    args += [q_seg, kv_seg]
-  return pl.pallas_call(
+  specs, extra = _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias)
+  in_specs += specs
+  args += extra
+  out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  aliases = {}
+  if cfg.has_bias:
+    # d logits per active tile; EMPTY tiles keep the aliased zeros.
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+    aliases = {len(args): 1}
+    args.append(jnp.zeros((b, n, tp, sp), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, bq, sp), q_map))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
+  outs = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(b, n, tp // bq),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, bq, h), q_map),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(cfg, h),
       interpret=cfg.interpret,
       name='block_sparse_flash_dq',
   )(*args)
+  return outs[0], (outs[1] if cfg.has_bias else None)
 
 
 # ------------------------------------------------------------------ backward: dk, dv
 
 
-def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref, v_ref,
-                lse_ref, di_ref, do_ref, *refs, cfg: common.Config, bq: int,
-                bk: int):
-  refs = list(refs)
-  q_seg_ref = kv_seg_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[:2]
-    refs = refs[2:]
-  dk_ref, dv_ref = refs
+def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
+                v_ref, lse_ref, di_ref, do_ref, *refs, cfg: common.Config,
+                bq: int, bk: int):
+  opt, (dk_ref, dv_ref) = _unpack(refs, cfg, ('seg', 'bias'))
   kh, kb = pl.program_id(1), pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
-  kv_ids = None if kv_seg_ref is None else kv_seg_ref[...]
+  kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][...]
 
   def head(gi, carry):
     n = kh * cfg.group + gi
+    u = hm_ref[n]
+    bias_head = n if cfg.bias_heads else 0
 
     def body(j, carry):
-      qb = q_idx_ref[n, kb, j]
-      part = q_part_ref[n, kb, j]
+      qb = q_idx_ref[u, kb, j]
+      part = q_part_ref[u, kb, j]
       start = pl.multiple_of(qb * bq, bq)
       q = q_ref[gi, pl.ds(start, bq), :]
       do = do_ref[gi, pl.ds(start, bq), :]
       lse = lse_ref[gi, pl.ds(start, bq)]
       di = di_ref[gi, pl.ds(start, bq)]
-      q_ids = None if q_seg_ref is None else q_seg_ref[pl.ds(start, bq)]
+      q_ids = None if opt['q_seg'] is None else opt['q_seg'][pl.ds(start, bq)]
 
       def update(masked, carry):
         dk, dv = carry
         s, t = _logits(q, k, cfg.scale, cfg.soft_cap)  # [bq, bk]
-        vis = _tile_visibility(cfg, part, pm_ref, bq, q_ids, kv_ids, masked)
+        if opt['bias'] is not None:
+          s = s + opt['bias'][bias_head, pl.ds(start, bq), :].astype(
+              jnp.float32)
+        vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
         p = jnp.exp(s - lse[:, None])
         if vis is not None:
           p = jnp.where(vis, p, 0.0)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)  # [bk, Hv]
-        dp = plgpu.dot(do, v, trans_b=True)  # [bq, bk]
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bk, Hv]
+        dp = _dot(do, v, trans_b=True)  # [bq, bk]
         ds = p * (dp - di[:, None])
         if t is not None:
           ds = ds * (1.0 - t * t)
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)  # [bk, H]
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [bk, H]
         return dk, dv
 
       return _branch(cfg, part, functools.partial(update, True),
                      functools.partial(update, False), carry)
 
-    return lax.fori_loop(0, q_cnt_ref[n, kb], body, carry)
+    return lax.fori_loop(0, q_cnt_ref[u, kb], body, carry)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = lax.fori_loop(0, cfg.group, head, init)
@@ -336,7 +380,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref, v_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -356,6 +400,12 @@ def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
     in_specs += [pl.BlockSpec((None, tp), lambda bi, kh, kb: (bi, 0)),
                  pl.BlockSpec((None, bk), lambda bi, kh, kb: (bi, kb))]
     args += [q_seg, kv_seg]
+  if cfg.has_bias:
+    nb = bias.shape[1]
+    in_specs.append(pl.BlockSpec(
+        (None, nb, tp, bk),
+        lambda bi, kh, kb: (bi if cfg.bias_batch else 0, 0, 0, kb)))
+    args.append(bias)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(b, kh_count, sp // bk),
@@ -370,24 +420,16 @@ def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
   )(*args)
 
 
-def _backward(cfg, q, k, v, q_seg, kv_seg, lse, di, do):
-  dq = _dq(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
-  dk, dv = _dkv(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
-  return dq, dk, dv
+def _backward(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+  dq, dlogits = _dq(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  return dq, dk, dv, dlogits
 
 
 _flash = common.make_flash(_forward, _backward)
 
 
 # ------------------------------------------------------------------ public API
-
-
-def unsupported(*, query=None, key=None, value=None, bias=None, mask=None,
-                mask_obj=None, **kwargs) -> str | None:
-  """Why these inputs cannot run on this kernel (None: they can)."""
-  del key, value
-  return common.unsupported(name=_NAME, bias=bias, mask=mask,
-                            mask_obj=mask_obj, query=query, **kwargs)
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -403,6 +445,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               interpret: bool | None = None):
   """Block-sparse flash attention on GPU (see `attention.dot_product_attention`).
 
+  Every input combination of the dispatch contract is supported: the static mask
+  (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
+  `bias` and any other `mask` array are added to the logits tile by tile.
+
   Args (beyond the dispatch contract):
     block_sizes: tiles and launch parameters, default 64 x 64.
     interpret: run the Pallas interpreter; default True unless the backend is GPU.
@@ -410,9 +456,6 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   Returns:
     out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
   """
-  reason = unsupported(bias=bias, mask=mask, mask_obj=mask_obj)
-  if reason:
-    raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
   if block_sizes is None:
     block_sizes = BlockSizes()
   if not isinstance(block_sizes, BlockSizes):
@@ -420,16 +463,19 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     f'{type(block_sizes).__name__}.')
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
-  _, t, n, h = query.shape
+  b, t, n, h = query.shape
   s, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
   full_mask = common.effective_mask(mask_obj, mask, t, s, n)
   plan = common.make_plan(full_mask, block_sizes.block_q, block_sizes.block_kv,
                           n)
-  cfg = common.Config(plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
-                      num_kv_heads=kh, has_sinks=sinks is not None,
-                      has_segments=q_segment_ids is not None,
-                      interpret=bool(interpret), extra=block_sizes)
+  bias = common.logits_bias(bias, mask, (b, n, t, s))
+  cfg = common.Config(
+      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
+      num_kv_heads=kh, has_sinks=sinks is not None,
+      has_segments=q_segment_ids is not None, interpret=bool(interpret),
+      bias_batch=None if bias is None else bias.shape[0] > 1,
+      bias_heads=bias is not None and bias.shape[1] > 1, extra=block_sizes)
   pad = lambda d: max(MIN_BLOCK, common.next_power_of_two(d))
-  return common.run(_flash, cfg, query, key, value, sinks, q_segment_ids,
-                    kv_segment_ids, return_residuals, head_dim_pad=pad(h),
-                    value_dim_pad=pad(hv))
+  return common.run(_flash, cfg, query, key, value, bias, sinks,
+                    q_segment_ids, kv_segment_ids, return_residuals,
+                    head_dim_pad=pad(h), value_dim_pad=pad(hv))

@@ -80,35 +80,91 @@ def _visible(masked: bool, mask_ref, q_ids, kv_ids):
   return vis
 
 
+# ------------------------------------------------------------------ shared pieces
+
+_NUM_TABLES = 5  # scalar-prefetched: head_map, indices, counts, part, fetch
+
+
+def _unpack(refs, cfg: common.Config, names):
+  """Splits the optional refs (in `names` order) off the front of `refs`."""
+  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
+             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial}
+  out = {}
+  refs = list(refs)
+  for name in names:
+    if name == 'seg':
+      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
+                                     (None, None))
+      refs = refs[2:] if present['seg'] else refs
+    elif present[name]:
+      out[name], refs = refs[0], refs[1:]
+    else:
+      out[name] = None
+  return out, refs
+
+
+def _run_steps(run, part_ref, step):
+  """Active steps: FULL tiles run `step(False)` (no mask work), PARTIAL `step(True)`."""
+  if part_ref is None:
+    pl.when(run)(lambda: step(False))
+    return
+  is_partial = part_ref >= 0
+  pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
+      lambda: step(False))
+  pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+
+
+def _row_specs(cfg: common.Config, bq: int, bk: int):
+  """Specs of the optional per-tile inputs of the forward / dq kernels."""
+  g = cfg.group
+
+  def kv_block(ni, i, j, hm, idx):
+    return idx[hm[ni], i, j]
+
+  specs = []
+  if cfg.has_segments:
+    specs += [
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec((None, NUM_SUBLANES, bk),
+                     lambda bi, ni, i, j, hm, idx, *_: (
+                         bi, 0, kv_block(ni, i, j, hm, idx))),
+    ]
+  if cfg.has_bias:
+    specs.append(pl.BlockSpec(
+        (None, None, bq, bk),
+        lambda bi, ni, i, j, hm, idx, *_: (
+            *cfg.bias_index(bi, ni), i, kv_block(ni, i, j, hm, idx))))
+  del g
+  return specs
+
+
+def _mask_spec(bq: int, bk: int, fetch_of):
+  return pl.BlockSpec((None, bq, bk), fetch_of)
+
+
+def _tables(plan: common.Plan, which: str):
+  return [jnp.asarray(a) for a in plan.tables(which)]
+
+
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
-                cfg: common.Config, bq: int, bk: int, steps: int):
+def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
+                q_ref, k_ref, v_ref, *refs, cfg: common.Config, bq: int,
+                bk: int, steps: int):
   del kv_idx_ref, kv_fetch_ref
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]
-  pos = 3
-  q_seg_ref = kv_seg_ref = sinks_ref = mask_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
-    pos += 2
-  if cfg.has_sinks:
-    sinks_ref = refs[pos]
-    pos += 1
-  if cfg.plan.has_partial:
-    mask_ref = refs[pos]
-    pos += 1
-  o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[pos:]
+  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'sinks', 'mask'))
+  o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
   n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  u = hm_ref[n]
   hv = acc_ref.shape[-1]
 
   @pl.when(j == 0)
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
-    if sinks_ref is not None:
+    if opt['sinks'] is not None:
       # The sink is one more logit with zero value: start from m = sink, l = 1.
-      m_ref[...] = jnp.full(m_ref.shape, sinks_ref[n], jnp.float32)
+      m_ref[...] = jnp.full(m_ref.shape, opt['sinks'][n], jnp.float32)
       l_ref[...] = jnp.ones_like(l_ref)
     else:
       m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
@@ -116,11 +172,13 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
 
   def step(masked: bool):
     s, _ = _logits(q_ref[...], k_ref[...], cfg.scale, cfg.soft_cap, NT_DIMS)
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
     q_ids = kv_ids = None
-    if q_seg_ref is not None:
-      q_ids = _lanes(q_seg_ref[...], bk)  # [bq, bk]
-      kv_ids = kv_seg_ref[:1, :]  # [1, bk]
-    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    if opt['q_seg'] is not None:
+      q_ids = _lanes(opt['q_seg'][...], bk)  # [bq, bk]
+      kv_ids = opt['kv_seg'][:1, :]  # [1, bk]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
     if vis is not None:
       s = jnp.where(vis, s, common.MASK_VALUE)
     m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
@@ -135,14 +193,8 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
                          preferred_element_type=jnp.float32)  # [bq, Hv]
     acc_ref[...] = _lanes(alpha, hv) * acc_ref[...] + pv
 
-  run = j < kv_cnt_ref[n, i]
-  if mask_ref is None:
-    pl.when(run)(lambda: step(False))
-  else:
-    is_partial = kv_part_ref[n, i, j] >= 0
-    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
-        lambda: step(False))
-    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
+  _run_steps(j < kv_cnt_ref[u, i], part, step)
 
   @pl.when(j == steps - 1)
   def _finish():
@@ -163,83 +215,83 @@ def _segment_inputs(q_seg, kv_seg):
   return q_lanes, kv_rows
 
 
-def _forward(cfg: common.Config, q, k, v, sinks, q_seg, kv_seg):
+def _row_args(cfg, q_seg, kv_seg, bias):
+  args = []
+  if cfg.has_segments:
+    args += list(_segment_inputs(q_seg, kv_seg))
+  if cfg.has_bias:
+    args.append(bias)
+  return args
+
+
+def _kv_maps(g):
+  def q_map(bi, ni, i, j, *_):
+    return bi, ni, i, 0
+
+  def kv_map(bi, ni, i, j, hm, idx, *_):
+    return bi, common.kv_head(ni, g), idx[hm[ni], i, j], 0
+
+  def fetch_map(bi, ni, i, j, hm, idx, cnt, part, fetch):
+    return fetch[hm[ni], i, j], 0, 0
+
+  return q_map, kv_map, fetch_map
+
+
+def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
   hv = v.shape[-1]
-  g = cfg.group
   steps = plan.kv_indices.shape[-1]
-  grid = (b, n, tp // bq, steps)
-
-  def q_map(bi, ni, i, j, *_):
-    return bi, ni, i, 0
-
-  def kv_map(bi, ni, i, j, idx, *_):
-    return bi, common.kv_head(ni, g), idx[ni, i, j], 0
-
+  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
               pl.BlockSpec((None, None, bk, h), kv_map),
               pl.BlockSpec((None, None, bk, hv), kv_map)]
-  args = [q, k, v]
-  if cfg.has_segments:
-    q_lanes, kv_rows = _segment_inputs(q_seg, kv_seg)
-    in_specs += [
-        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-        pl.BlockSpec((None, NUM_SUBLANES, bk),
-                     lambda bi, ni, i, j, idx, *_: (bi, 0, idx[ni, i, j])),
-    ]
-    args += [q_lanes, kv_rows]
+  in_specs += _row_specs(cfg, bq, bk)
+  args = [q, k, v] + _row_args(cfg, q_seg, kv_seg, bias)
   if cfg.has_sinks:
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     args.append(sinks.astype(jnp.float32))
   if plan.has_partial:
-    in_specs.append(pl.BlockSpec(
-        (None, bq, bk),
-        lambda bi, ni, i, j, idx, cnt, part, fetch: (fetch[ni, i, j], 0, 0)))
+    in_specs.append(_mask_spec(bq, bk, fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
-  out_specs = [pl.BlockSpec((None, None, bq, hv), q_map),
-               pl.BlockSpec((None, None, bq, NUM_LANES), q_map)]
-  out_shape = [jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
-               jax.ShapeDtypeStruct((b, n, tp, NUM_LANES), jnp.float32)]
   kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
   out, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
-          out_specs=out_specs,
+          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, tp // bq, steps),
+          in_specs=in_specs,
+          out_specs=[pl.BlockSpec((None, None, bq, hv), q_map),
+                     pl.BlockSpec((None, None, bq, NUM_LANES), q_map)],
           scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                           pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                           pltpu.VMEM((bq, hv), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel',
                                'arbitrary')),
-      out_shape=out_shape,
+      out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, tp, NUM_LANES), jnp.float32)],
       interpret=cfg.interpret,
       name='block_sparse_flash_fwd',
-  )(jnp.asarray(plan.kv_indices), jnp.asarray(plan.kv_counts),
-    jnp.asarray(plan.kv_part), jnp.asarray(plan.kv_fetch), *args)
+  )(*_tables(plan, 'kv'), *args)
   return out, lse[..., 0]
 
 
 # ------------------------------------------------------------------ backward: dq
 
 
-def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
+def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
+               q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                cfg: common.Config, bk: int, steps: int):
   del kv_idx_ref, kv_fetch_ref
-  refs = list(refs)
-  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[:6]
-  pos = 6
-  q_seg_ref = kv_seg_ref = mask_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
-    pos += 2
-  if cfg.plan.has_partial:
-    mask_ref = refs[pos]
-    pos += 1
-  dq_ref, acc_ref = refs[pos:]
+  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'mask'))
+  if cfg.has_bias:
+    _, dq_ref, dbias_ref, acc_ref = refs  # refs[0]: the aliased zeros input
+  else:
+    (dq_ref, acc_ref), dbias_ref = refs, None
   n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  u = hm_ref[n]
+  count = kv_cnt_ref[u, i]
 
   @pl.when(j == 0)
   def _init():
@@ -248,50 +300,46 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref, *refs,
   def step(masked: bool):
     k = k_ref[...]
     s, t = _logits(q_ref[...], k, cfg.scale, cfg.soft_cap, NT_DIMS)
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
     q_ids = kv_ids = None
-    if q_seg_ref is not None:
-      q_ids = _lanes(q_seg_ref[...], bk)
-      kv_ids = kv_seg_ref[:1, :]
-    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    if opt['q_seg'] is not None:
+      q_ids = _lanes(opt['q_seg'][...], bk)
+      kv_ids = opt['kv_seg'][:1, :]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
     p = jnp.exp(s - _lanes(lse_ref[...], bk))  # [bq, bk]
     if vis is not None:
       p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do_ref[...], v_ref[...], NT_DIMS,
                          preferred_element_type=jnp.float32)  # [bq, bk]
-    ds = p * (dp - _lanes(di_ref[...], bk))
+    ds = p * (dp - _lanes(di_ref[...], bk))  # d logits (after the soft-cap)
+    if dbias_ref is not None:
+      dbias_ref[...] = ds
     if t is not None:
       ds = ds * (1.0 - t * t)
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
                                     preferred_element_type=jnp.float32)
 
-  run = j < kv_cnt_ref[n, i]
-  if mask_ref is None:
-    pl.when(run)(lambda: step(False))
-  else:
-    is_partial = kv_part_ref[n, i, j] >= 0
-    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
-        lambda: step(False))
-    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
+  _run_steps(j < count, part, step)
+  if dbias_ref is not None:
+    # A q block with no active tile still visits block (i, 0) once: zero it.
+    @pl.when(count == 0)
+    def _empty_row():
+      dbias_ref[...] = jnp.zeros_like(dbias_ref)
 
   @pl.when(j == steps - 1)
   def _finish():
     dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
-  hv = v.shape[-1]
-  g = cfg.group
+  sp, hv = k.shape[2], v.shape[-1]
   steps = plan.kv_indices.shape[-1]
-
-  def q_map(bi, ni, i, j, *_):
-    return bi, ni, i, 0
-
-  def kv_map(bi, ni, i, j, idx, *_):
-    return bi, common.kv_head(ni, g), idx[ni, i, j], 0
-
+  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
   lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
               pl.BlockSpec((None, None, bk, h), kv_map),
@@ -299,58 +347,54 @@ def _dq(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
               pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
               pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
               pl.BlockSpec((None, None, bq, hv), q_map)]
+  in_specs += _row_specs(cfg, bq, bk)
   args = [q, k, v, lanes(lse), lanes(di), do]
-  if cfg.has_segments:
-    q_lanes, kv_rows = _segment_inputs(q_seg, kv_seg)
-    in_specs += [
-        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-        pl.BlockSpec((None, NUM_SUBLANES, bk),
-                     lambda bi, ni, i, j, idx, *_: (bi, 0, idx[ni, i, j])),
-    ]
-    args += [q_lanes, kv_rows]
+  args += _row_args(cfg, q_seg, kv_seg, bias)
   if plan.has_partial:
-    in_specs.append(pl.BlockSpec(
-        (None, bq, bk),
-        lambda bi, ni, i, j, idx, cnt, part, fetch: (fetch[ni, i, j], 0, 0)))
+    in_specs.append(_mask_spec(bq, bk, fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
+  out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  aliases = {}
+  if cfg.has_bias:
+    # d logits per tile; EMPTY tiles are never visited and keep the aliased zeros.
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+    aliases = {_NUM_TABLES + len(args): 1}
+    args.append(jnp.zeros((b, n, tp, sp), jnp.float32))
+    out_specs.append(pl.BlockSpec(
+        (None, None, bq, bk),
+        lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, idx[hm[ni], i, j])))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
   kernel = functools.partial(_dq_kernel, cfg=cfg, bk=bk, steps=steps)
-  return pl.pallas_call(
+  outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(b, n, tp // bq, steps),
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec((None, None, bq, h), q_map),
+          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, tp // bq, steps),
+          in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel',
                                'arbitrary')),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=cfg.interpret,
       name='block_sparse_flash_dq',
-  )(jnp.asarray(plan.kv_indices), jnp.asarray(plan.kv_counts),
-    jnp.asarray(plan.kv_part), jnp.asarray(plan.kv_fetch), *args)
+  )(*_tables(plan, 'kv'), *args)
+  return outs[0], (outs[1] if cfg.has_bias else None)
 
 
 # ------------------------------------------------------------------ backward: dk, dv
 
 
-def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, *refs,
+def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
+                k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                 cfg: common.Config, bq: int, steps: int):
   del q_idx_ref, q_fetch_ref
-  refs = list(refs)
-  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[:6]
-  pos = 6
-  q_seg_ref = kv_seg_ref = mask_ref = None
-  if cfg.has_segments:
-    q_seg_ref, kv_seg_ref = refs[pos:pos + 2]
-    pos += 2
-  if cfg.plan.has_partial:
-    mask_ref = refs[pos]
-    pos += 1
-  dk_ref, dv_ref, dk_acc, dv_acc = refs[pos:]
+  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'mask'))
+  dk_ref, dv_ref, dk_acc, dv_acc = refs
   kh, kb, gi, j = (pl.program_id(1), pl.program_id(2), pl.program_id(3),
                    pl.program_id(4))
-  n = kh * cfg.group + gi
+  u = hm_ref[kh * cfg.group + gi]
 
   @pl.when(jnp.logical_and(gi == 0, j == 0))
   def _init():
@@ -362,11 +406,13 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, *refs,
     do = do_ref[...]
     # Transposed tile: kv positions on sublanes, q positions on lanes.
     s, t = _logits(k_ref[...], q, cfg.scale, cfg.soft_cap, NT_DIMS)  # [bk, bq]
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
     q_ids = kv_ids = None
-    if q_seg_ref is not None:
-      kv_ids = _lanes(kv_seg_ref[...], bq)  # [bk, bq]
-      q_ids = q_seg_ref[:1, :]  # [1, bq]
-    vis = _visible(masked, mask_ref, q_ids, kv_ids)
+    if opt['q_seg'] is not None:
+      kv_ids = _lanes(opt['kv_seg'][...], bq)  # [bk, bq]
+      q_ids = opt['q_seg'][:1, :]  # [1, bq]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
     p = jnp.exp(s - lse_ref[:1, :])  # [bk, bq]
     if vis is not None:
       p = jnp.where(vis, p, 0.0)
@@ -380,14 +426,8 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, *refs,
     dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
                                    preferred_element_type=jnp.float32)
 
-  run = j < q_cnt_ref[n, kb]
-  if mask_ref is None:
-    pl.when(run)(lambda: step(False))
-  else:
-    is_partial = q_part_ref[n, kb, j] >= 0
-    pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
-        lambda: step(False))
-    pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+  part = q_part_ref[u, kb, j] if opt['mask'] is not None else None
+  _run_steps(j < q_cnt_ref[u, kb], part, step)
 
   @pl.when(jnp.logical_and(gi == cfg.group - 1, j == steps - 1))
   def _finish():
@@ -395,22 +435,22 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, *refs,
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
+def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
   kh_count, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
   g = cfg.group
   steps = plan.q_indices.shape[-1]
-  grid = (b, kh_count, sp // bk, g, steps)
 
-  def q_map(bi, kh, kb, gi, j, idx, *_):
-    nn = kh * g + gi
-    return bi, nn, idx[nn, kb, j], 0
+  def q_block(kh, kb, gi, j, hm, idx):
+    return idx[hm[kh * g + gi], kb, j]
 
-  def row_map(bi, kh, kb, gi, j, idx, *_):
-    nn = kh * g + gi
-    return bi, nn, 0, idx[nn, kb, j]
+  def q_map(bi, kh, kb, gi, j, hm, idx, *_):
+    return bi, kh * g + gi, q_block(kh, kb, gi, j, hm, idx), 0
+
+  def row_map(bi, kh, kb, gi, j, hm, idx, *_):
+    return bi, kh * g + gi, 0, q_block(kh, kb, gi, j, hm, idx)
 
   def kv_map(bi, kh, kb, gi, j, *_):
     return bi, kh, kb, 0
@@ -429,25 +469,34 @@ def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
     kv_lanes = lax.broadcast_in_dim(kv_seg, (b, sp, NUM_LANES), (0, 1))
     in_specs += [
         pl.BlockSpec((None, NUM_SUBLANES, bq),
-                     lambda bi, kh, kb, gi, j, idx, *_: (
-                         bi, 0, idx[kh * g + gi, kb, j])),
+                     lambda bi, kh, kb, gi, j, hm, idx, *_: (
+                         bi, 0, q_block(kh, kb, gi, j, hm, idx))),
         pl.BlockSpec((None, bk, NUM_LANES),
                      lambda bi, kh, kb, gi, j, *_: (bi, kb, 0)),
     ]
     args += [q_rows, kv_lanes]
+  if cfg.has_bias:
+    # Bias transposed once to the [bk, bq] orientation of this kernel.
+    in_specs.append(pl.BlockSpec(
+        (None, None, bk, bq),
+        lambda bi, kh, kb, gi, j, hm, idx, *_: (
+            *cfg.bias_index(bi, kh * g + gi), kb,
+            q_block(kh, kb, gi, j, hm, idx))))
+    args.append(bias.transpose(0, 1, 3, 2))  # [Bb, Nb, Sp, Tp]
   if plan.has_partial:
-    # Bitmaps transposed once (static) to the [bk, bq] orientation of this kernel.
+    # Bitmaps transposed once (static) to the [bk, bq] orientation.
     in_specs.append(pl.BlockSpec(
         (None, bk, bq),
-        lambda bi, kh, kb, gi, j, idx, cnt, part, fetch: (
-            fetch[kh * g + gi, kb, j], 0, 0)))
+        lambda bi, kh, kb, gi, j, hm, idx, cnt, part, fetch: (
+            fetch[hm[kh * g + gi], kb, j], 0, 0)))
     args.append(jnp.asarray(
         np.ascontiguousarray(plan.partial_masks.transpose(0, 2, 1))))
   kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, steps=steps)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
+          num_scalar_prefetch=_NUM_TABLES,
+          grid=(b, kh_count, sp // bk, g, steps), in_specs=in_specs,
           out_specs=[pl.BlockSpec((None, None, bk, h), kv_map),
                      pl.BlockSpec((None, None, bk, hv), kv_map)],
           scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32),
@@ -459,14 +508,13 @@ def _dkv(cfg: common.Config, q, k, v, q_seg, kv_seg, lse, di, do):
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=cfg.interpret,
       name='block_sparse_flash_dkv',
-  )(jnp.asarray(plan.q_indices), jnp.asarray(plan.q_counts),
-    jnp.asarray(plan.q_part), jnp.asarray(plan.q_fetch), *args)
+  )(*_tables(plan, 'q'), *args)
 
 
-def _backward(cfg, q, k, v, q_seg, kv_seg, lse, di, do):
-  dq = _dq(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
-  dk, dv = _dkv(cfg, q, k, v, q_seg, kv_seg, lse, di, do)
-  return dq, dk, dv
+def _backward(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+  dq, dlogits = _dq(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  return dq, dk, dv, dlogits
 
 
 _flash = common.make_flash(_forward, _backward)
@@ -474,13 +522,9 @@ _flash = common.make_flash(_forward, _backward)
 
 # ------------------------------------------------------------------ public API
 
-
-def unsupported(*, query=None, key=None, value=None, bias=None, mask=None,
-                mask_obj=None, **kwargs) -> str | None:
-  """Why these inputs cannot run on this kernel (None: they can)."""
-  del key, value
-  return common.unsupported(name=_NAME, bias=bias, mask=mask,
-                            mask_obj=mask_obj, query=query, **kwargs)
+# Scalar-prefetch tables live in SMEM (1 MiB per TensorCore on current chips); keep
+# them well inside it.
+SMEM_TABLE_BUDGET = 512 * 1024
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -496,16 +540,21 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               interpret: bool | None = None):
   """Block-sparse flash attention on TPU (see `attention.dot_product_attention`).
 
+  Every input combination of the dispatch contract is supported: the static mask
+  (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
+  `bias` and any other `mask` array are added to the logits tile by tile.
+
   Args (beyond the dispatch contract):
     block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples).
     interpret: run the Pallas interpreter; default True unless the backend is TPU.
 
   Returns:
     out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
+
+  Raises:
+    ValueError: when compiling for a TPU (interpret=False), for float64 inputs
+      (Mosaic has no float64) or scalar tables larger than `SMEM_TABLE_BUDGET`.
   """
-  reason = unsupported(bias=bias, mask=mask, mask_obj=mask_obj)
-  if reason:
-    raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
   if block_sizes is None:
     block_sizes = BlockSizes()
   if not isinstance(block_sizes, BlockSizes):
@@ -515,13 +564,25 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     interpret = jax.default_backend() != 'tpu'
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
-  del b
   full_mask = common.effective_mask(mask_obj, mask, t, s, n)
   plan = common.make_plan(full_mask, block_sizes.block_q, block_sizes.block_kv,
                           n)
-  cfg = common.Config(plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
-                      num_kv_heads=kh, has_sinks=sinks is not None,
-                      has_segments=q_segment_ids is not None,
-                      interpret=bool(interpret))
-  return common.run(_flash, cfg, query, key, value, sinks, q_segment_ids,
-                    kv_segment_ids, return_residuals)
+  if not interpret:
+    wide = [x.dtype for x in (query, key, value) if x.dtype == jnp.float64]
+    if wide:
+      raise ValueError(f'{_NAME} does not support float64 query/key/value on '
+                       'TPU (Mosaic has no float64); got float64.')
+    if plan.table_bytes() > SMEM_TABLE_BUDGET:
+      raise ValueError(
+          f'{_NAME}: the block tables need {plan.table_bytes()} bytes of SMEM, '
+          f'more than the {SMEM_TABLE_BUDGET}-byte budget; use larger '
+          "block_sizes or implementation='xla'.")
+  bias = common.logits_bias(bias, mask, (b, n, t, s))
+  cfg = common.Config(
+      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
+      num_kv_heads=kh, has_sinks=sinks is not None,
+      has_segments=q_segment_ids is not None, interpret=bool(interpret),
+      bias_batch=None if bias is None else bias.shape[0] > 1,
+      bias_heads=bias is not None and bias.shape[1] > 1)
+  return common.run(_flash, cfg, query, key, value, bias, sinks,
+                    q_segment_ids, kv_segment_ids, return_residuals)

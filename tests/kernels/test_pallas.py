@@ -49,27 +49,38 @@ def _inputs(seed, b, t, s, n, kh, h, hv, dtype):
   return q, k, v, w_out, w_lse, sinks
 
 
-def _value_and_grads(impl, q, k, v, sinks, w_out, w_lse, **kw):
-  """(out, lse, dq, dk, dv, dsinks) of a loss weighting both out and lse."""
+def _value_and_grads(impl, q, k, v, sinks, bias, w_out, w_lse, **kw):
+  """(out, lse, dq, dk, dv[, dsinks][, dbias]) of a loss weighting out and lse.
 
-  def loss(q, k, v, sinks):
+  `mask` in `kw` is passed as a traced argument (the kernels' dynamic-mask path);
+  `static_mask` is closed over, so it stays concrete (compiled into the BlockMask).
+  """
+  mask = kw.pop('mask', None)
+  static_mask = kw.pop('static_mask', None)
+  if isinstance(mask, base.Mask):  # Mask objects are static by nature
+    static_mask, mask = mask, None
+
+  def loss(q, k, v, sinks, bias, mask):
     out, lse = api.dot_product_attention(
-        q, k, v, sinks=sinks, return_residuals=True, implementation=impl, **kw)
+        q, k, v, sinks=sinks, bias=bias,
+        mask=static_mask if mask is None else mask, return_residuals=True,
+        implementation=impl, **kw)
     finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
     val = (jnp.sum(out.astype(jnp.float64) * w_out) +
            jnp.sum(finite.astype(jnp.float64) * w_lse))
     return val, (out, lse)
 
-  argnums = (0, 1, 2) if sinks is None else (0, 1, 2, 3)
+  argnums = tuple(i for i, x in enumerate((q, k, v, sinks, bias))
+                  if x is not None)
   fn = _jit(jax.grad(loss, argnums=argnums, has_aux=True))
-  grads, (out, lse) = fn(q, k, v, sinks)
+  grads, (out, lse) = fn(q, k, v, sinks, bias, mask)
   return (out, lse) + tuple(grads)
 
 
-def _golden(q, k, v, sinks, w_out, w_lse, **kw):
+def _golden(q, k, v, sinks, bias, w_out, w_lse, **kw):
   up = lambda x: None if x is None else x.astype(jnp.float64)
-  return _value_and_grads('reference', up(q), up(k), up(v), up(sinks), w_out,
-                          w_lse, **kw)
+  return _value_and_grads('reference', up(q), up(k), up(v), up(sinks),
+                          up(bias), w_out, w_lse, **kw)
 
 
 def _err(a, b):
@@ -82,7 +93,8 @@ def _err(a, b):
 def _assert_close(got, want, dtype, same_dtype=None):
   """float32: absolute tolerance vs the float64 golden; bfloat16: the three-way check
   (kernel error within 2x the bfloat16 reference's error plus a small floor)."""
-  names = ('out', 'lse', 'dq', 'dk', 'dv', 'dsinks')
+  assert len(got) == len(want)
+  names = ('out', 'lse', 'dq', 'dk', 'dv', 'dsinks/dbias', 'dbias')
   for i, (name, g, w) in enumerate(zip(names, got, want)):
     assert not np.any(np.isnan(np.asarray(g, np.float64))), name
     np.testing.assert_array_equal(np.isneginf(np.asarray(g, np.float64)),
@@ -118,48 +130,57 @@ def _per_head_masks(t):
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_causal_gqa_softcap_sinks_documents_padding(impl):
-  """Causal AND documents (segment ids), GQA 2:1, soft-cap, sinks, T=200 (padded)."""
+  """Causal AND documents (segment ids) AND a traced per-batch mask array, GQA 2:1,
+  soft-cap, sinks, T=200 (padded to the block grid)."""
   b, t, n, kh, h = 2, 200, 4, 2, 64
   q, k, v, w_out, w_lse, sinks = _inputs(0, b, t, t, n, kh, h, h, jnp.float32)
   seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [70, 60, 70]),
                               np.repeat([0, 1], [150, 50])]), jnp.int32)
-  kw = dict(is_causal=True, logits_soft_cap=4.0, segment_ids=seg)
-  got = _value_and_grads(impl, q, k, v, sinks, w_out, w_lse, **kw)
-  want = _golden(q, k, v, sinks, w_out, w_lse, **kw)
+  per_batch = np.random.default_rng(0).random((b, 1, t, t)) < 0.8
+  kw = dict(is_causal=True, logits_soft_cap=4.0, segment_ids=seg,
+            mask=jnp.asarray(per_batch))
+  got = _value_and_grads(impl, q, k, v, sinks, None, w_out, w_lse, **kw)
+  want = _golden(q, k, v, sinks, None, w_out, w_lse, **kw)
   _assert_close(got, want, jnp.float32)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_per_head_masks_mqa(impl):
-  """Strided / sliding-window / 2D-neighborhood / empty-row heads; MQA (K=1)."""
+  """Strided / sliding-window / 2D-neighborhood / empty-row heads; MQA (K=1);
+  a per-head additive bias (its gradient included)."""
   b, t, n, kh, h = 1, 256, 4, 1, 64
   q, k, v, w_out, w_lse, _ = _inputs(1, b, t, t, n, kh, h, 32, jnp.float32)
+  bias = jax.random.normal(jax.random.PRNGKey(9), (1, n, t, t), jnp.float32)
   dense = _per_head_masks(t)
   kw = dict(mask=base.from_array(dense), scale=0.3)
-  got = _value_and_grads(impl, q, k, v, None, w_out, w_lse, **kw)
-  want = _golden(q, k, v, None, w_out, w_lse, **kw)
+  got = _value_and_grads(impl, q, k, v, None, bias, w_out, w_lse, **kw)
+  want = _golden(q, k, v, None, bias, w_out, w_lse, **kw)
   _assert_close(got, want, jnp.float32)
   # Rows that see nothing: zero output, lse = -inf, zero gradient (and no NaN).
   assert np.all(np.asarray(got[0])[:, :40, 3] == 0)
   assert np.all(np.isneginf(np.asarray(got[1])[:, 3, :40]))
   assert np.all(np.asarray(got[2])[:, :40, 3] == 0)
   # Independent NumPy oracle for the forward pass.
-  out_np, lse_np = oracles.numpy_attention(q, k, v, scale=0.3,
+  out_np, lse_np = oracles.numpy_attention(q, k, v, scale=0.3, bias=bias,
                                            mask=dense[None])
   assert _err(got[0], out_np) <= 2e-5 and _err(got[1], lse_np) <= 2e-5
 
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_cross_attention_window_dense_array_bfloat16(impl):
-  """T != S, a concrete dense `mask` array (bottom-right sliding window), bfloat16."""
-  b, t, s, n, kh, h = 1, 128, 384, 2, 2, 128
+  """T != S, a concrete dense `mask` array compiled into the BlockMask (bottom-right
+  sliding window), a per-batch head-shared bias, bfloat16."""
+  b, t, s, n, kh, h = 2, 128, 384, 2, 2, 128
   q, k, v, w_out, w_lse, sinks = _inputs(2, b, t, s, n, kh, h, h, jnp.bfloat16)
+  bias = jax.random.normal(jax.random.PRNGKey(8), (b, 1, t, s)).astype(
+      jnp.bfloat16)
   qi, ki = np.arange(t)[:, None] + (s - t), np.arange(s)[None, :]
   window = jnp.asarray(((ki <= qi) & (qi - ki < 100))[None, None])
-  kw = dict(mask=window)
-  got = _value_and_grads(impl, q, k, v, sinks, w_out, w_lse, **kw)
-  want = _golden(q, k, v, sinks, w_out, w_lse, **kw)
-  same = _value_and_grads('reference', q, k, v, sinks, w_out, w_lse, **kw)
+  kw = dict(static_mask=window, scale=0.1)
+  got = _value_and_grads(impl, q, k, v, sinks, bias, w_out, w_lse, **kw)
+  want = _golden(q, k, v, sinks, bias, w_out, w_lse, **kw)
+  same = _value_and_grads('reference', q, k, v, sinks, bias, w_out, w_lse,
+                          **kw)
   assert got[0].dtype == jnp.bfloat16 and got[2].dtype == jnp.bfloat16
   _assert_close(got, want, jnp.bfloat16, same)
 
@@ -173,10 +194,11 @@ def test_sweep_gqa_ratios_dtypes(impl, ratio, dtype):
   q, k, v, w_out, w_lse, sinks = _inputs(3, b, t, t, n, n // ratio, h, h, dtype)
   dense = _per_head_masks(t)
   kw = dict(mask=base.from_array(dense) & base.causal(t), logits_soft_cap=8.0)
-  got = _value_and_grads(impl, q, k, v, sinks, w_out, w_lse, **kw)
-  want = _golden(q, k, v, sinks, w_out, w_lse, **kw)
+  got = _value_and_grads(impl, q, k, v, sinks, None, w_out, w_lse, **kw)
+  want = _golden(q, k, v, sinks, None, w_out, w_lse, **kw)
   same = (None if dtype == jnp.float32 else
-          _value_and_grads('reference', q, k, v, sinks, w_out, w_lse, **kw))
+          _value_and_grads('reference', q, k, v, sinks, None, w_out, w_lse,
+                           **kw))
   _assert_close(got, want, dtype, same)
 
 
@@ -237,23 +259,24 @@ def test_plan_tables_match_brute_force(t, s, n, bq, bk, seed, density):
   tiles = padded.reshape(n, nq, bq, nk, bk).transpose(0, 1, 3, 2, 4)
   anyv, allv = tiles.any((3, 4)), tiles.all((3, 4))
   for h in range(n):
+    u = plan.head_map[h]
     for i in range(nq):
-      cnt = plan.kv_counts[h, i]
-      listed = plan.kv_indices[h, i, :cnt]
+      cnt = plan.kv_counts[u, i]
+      listed = plan.kv_indices[u, i, :cnt]
       np.testing.assert_array_equal(listed, np.nonzero(anyv[h, i])[0])
       for j, kb in enumerate(listed):
-        part = plan.kv_part[h, i, j]
+        part = plan.kv_part[u, i, j]
         assert (part < 0) == allv[h, i, kb]
         if part >= 0:
           np.testing.assert_array_equal(plan.partial_masks[part],
                                         tiles[h, i, kb])
-          assert plan.kv_fetch[h, i, j] == part
+          assert plan.kv_fetch[u, i, j] == part
       if cnt:  # padding repeats the last block and the last fetched bitmap
-        assert np.all(plan.kv_indices[h, i, cnt:] == listed[-1])
-        assert np.all(plan.kv_fetch[h, i, cnt:] == plan.kv_fetch[h, i, cnt - 1])
+        assert np.all(plan.kv_indices[u, i, cnt:] == listed[-1])
+        assert np.all(plan.kv_fetch[u, i, cnt:] == plan.kv_fetch[u, i, cnt - 1])
     for kb in range(nk):
-      cnt = plan.q_counts[h, kb]
-      np.testing.assert_array_equal(plan.q_indices[h, kb, :cnt],
+      cnt = plan.q_counts[u, kb]
+      np.testing.assert_array_equal(plan.q_indices[u, kb, :cnt],
                                     np.nonzero(anyv[h, :, kb])[0])
 
 
@@ -262,7 +285,8 @@ def test_full_mask_block_classes_exact():
   plan = common.make_plan(mask, 4, 4, 2)
   np.testing.assert_array_equal(plan.block_mask.materialize(),
                                 np.ones((1, 10, 7), bool))
-  assert plan.kv_counts.shape == (2, 3)  # expanded to every query head
+  assert plan.kv_counts.shape == (1, 3)  # one table row shared by both heads
+  np.testing.assert_array_equal(plan.head_map, [0, 0])
   assert plan.kv_part[0, 0, 0] == -1 and plan.has_partial
 
 
@@ -278,33 +302,50 @@ def _kwargs(**over):
 
 
 def test_automatic_selection_prefers_pallas_on_accelerators():
-  assert api._select(None, 'tpu', _kwargs()) is pallas_tpu.attention
-  assert api._select(None, 'gpu', _kwargs()) is pallas_gpu.attention
   bias_kw = _kwargs(bias=jnp.zeros((1, 1, 4, 4)))
-  assert api._select(None, 'tpu', bias_kw) is not pallas_tpu.attention
-  assert api._select(None, 'gpu', bias_kw) is not pallas_gpu.attention
+  for kw in (_kwargs(), bias_kw):
+    assert api._select(None, 'tpu', kw) is pallas_tpu.attention
+    assert api._select(None, 'gpu', kw) is pallas_gpu.attention
+  assert api._select(None, 'cpu', _kwargs()) is not pallas_tpu.attention
+
+
+def test_static_and_dynamic_mask_arrays():
+  """Concrete batch-free mask arrays join the BlockMask; others become a -inf bias."""
+  b, n, t, s = 2, 3, 5, 6
+  rng = np.random.default_rng(0)
+  shared = rng.random((1, n, t, s)) < 0.5
+  obj = base.causal(t, s)
+  assert common.static_mask_array(jnp.asarray(shared))
+  assert common.logits_bias(None, jnp.asarray(shared), (b, n, t, s)) is None
+  combined = common.effective_mask(obj, jnp.asarray(shared), t, s, n)
+  np.testing.assert_array_equal(combined.materialize(),
+                                shared[0] & obj.materialize()[None])
+  row = rng.random((1, 1, 1, s)) < 0.5  # broadcast over heads and queries
+  np.testing.assert_array_equal(
+      common.effective_mask(None, jnp.asarray(row), t, s, n).materialize(),
+      np.broadcast_to(row[0, 0], (t, s)))
+  per_batch = rng.random((b, 1, t, s)) < 0.5
+  bias = rng.normal(size=(1, n, t, s)).astype(np.float32)
+  assert not common.static_mask_array(jnp.asarray(per_batch))
+  got = common.logits_bias(jnp.asarray(bias), jnp.asarray(per_batch),
+                           (b, n, t, s))
+  np.testing.assert_array_equal(got, np.where(per_batch, bias, -np.inf))
+  assert isinstance(common.effective_mask(None, jnp.asarray(per_batch), t, s, n),
+                    common.FullMask)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
-def test_unsupported_inputs_raise_clear_errors(impl):
-  q = jnp.ones((2, 8, 2, 16))
-  with pytest.raises(ValueError, match=f"{impl}.*bias"):
-    api.dot_product_attention(q, q, q, bias=jnp.zeros((1, 1, 8, 8)),
-                              implementation=impl)
-  per_batch = jnp.ones((2, 1, 8, 8), bool)
-  with pytest.raises(ValueError, match='batch-independent `mask`'):
-    api.dot_product_attention(q, q, q, mask=per_batch, implementation=impl)
-
-  @jax.jit
-  def traced(m):
-    return api.dot_product_attention(q, q, q, mask=m, implementation=impl)
-
-  with pytest.raises(ValueError, match='concrete `mask`'):
-    traced(jnp.ones((1, 1, 8, 8), bool))
-  with pytest.raises(ValueError, match='bias'):
-    MODULES[impl].attention(q, q, q, scale=1.0, bias=jnp.zeros((1, 1, 8, 8)))
+def test_hardware_only_errors_and_bad_arguments(impl, monkeypatch):
+  q = jnp.ones((1, 128, 2, 16), jnp.float32)
   with pytest.raises(TypeError, match='block_sizes'):
     MODULES[impl].attention(q, q, q, scale=1.0, block_sizes=(128, 128))
+  if impl == 'pallas_tpu':
+    with pytest.raises(ValueError, match='float64'):
+      pallas_tpu.attention(q.astype(jnp.float64), q, q, scale=1.0,
+                           interpret=False)
+    monkeypatch.setattr(pallas_tpu, 'SMEM_TABLE_BUDGET', 16)
+    with pytest.raises(ValueError, match='bytes of SMEM'):
+      pallas_tpu.attention(q, q, q, scale=1.0, interpret=False)
 
 
 def test_block_size_validation():
@@ -330,11 +371,12 @@ def test_explicit_block_sizes_and_default_interpret_on_cpu(impl):
   sizes = (pallas_tpu.BlockSizes(block_q=256, block_kv=128)
            if impl == 'pallas_tpu' else
            pallas_gpu.BlockSizes(block_q=32, block_kv=16, num_warps=4))
-  got = MODULES[impl].attention(q, k, v, scale=0.25, mask_obj=base.causal(t),
-                                block_sizes=sizes)
-  want = api.dot_product_attention(q.astype(jnp.float64), k.astype(jnp.float64),
-                                   v.astype(jnp.float64), scale=0.25,
-                                   is_causal=True, implementation='reference')
+  got = _jit(lambda q, k, v: MODULES[impl].attention(
+      q, k, v, scale=0.25, mask_obj=base.causal(t), block_sizes=sizes))(q, k, v)
+  want = _jit(functools.partial(api.dot_product_attention, scale=0.25,
+                               is_causal=True, implementation='reference'))(
+                                   q.astype(jnp.float64), k.astype(jnp.float64),
+                                   v.astype(jnp.float64))
   assert _err(got, want) <= 2e-5
 
 
@@ -355,14 +397,15 @@ def test_lowers_for_hardware(impl, platform):
   seg = jnp.zeros((b, t), jnp.int32)
   mask = base.causal(t) & base.from_array(_per_head_masks(t))
 
-  def loss(q, k, v, sinks):
+  def loss(q, k, v, sinks, bias):
     out = MODULES[impl].attention(
         q, k, v, scale=0.1, mask_obj=mask, logits_soft_cap=5.0, sinks=sinks,
-        q_segment_ids=seg, kv_segment_ids=seg, interpret=False)
+        bias=bias, q_segment_ids=seg, kv_segment_ids=seg, interpret=False)
     return jnp.sum(out.astype(jnp.float32))
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-  text = grad.trace(q, kv, kv, jnp.zeros((n,), jnp.float32)).lower(
-      lowering_platforms=(platform,)).as_text()
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+  text = grad.trace(q, kv, kv, jnp.zeros((n,), jnp.float32),
+                    jnp.zeros((1, n, t, t), jnp.bfloat16)).lower(
+                        lowering_platforms=(platform,)).as_text()
   marker = 'tpu_custom_call' if platform == 'tpu' else 'xla.gpu.triton'
   assert text.count(marker) == 3  # forward, dq, dk/dv
