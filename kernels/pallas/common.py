@@ -4,10 +4,10 @@ Both kernels (`kernels.pallas.tpu`, `kernels.pallas.gpu`) implement FlashAttenti
 (Dao, 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 Partitioning") restricted to the active tiles of a compiled `BlockMask`, the same
 block-sparse scheme as JAX's splash attention. This module owns what does not depend
-on the hardware: input checks (`unsupported`), the static plan (the BlockMask turned
-into per-query-head scalar tables), padding and layout, the `custom_vjp` wiring, and
-the parts of the backward pass that are cheap elementwise XLA (delta = rowsum(o * do),
-the sink gradient).
+on the hardware: which mask arrays join the BlockMask and which become bias tiles,
+the static plan (the BlockMask turned into int32 scalar tables), padding and layout,
+the `custom_vjp` wiring, and the parts of the backward pass that are cheap elementwise
+XLA (delta = rowsum(o * do) - dlse, the sink gradient, the bias-gradient reduction).
 
 Layout inside the kernels: q/out/do [B, N, T_pad, H], k/v [B, K, S_pad, H]; query head
 n reads kv head n // G (G = N // K) through the index maps, so k/v are never repeated.
@@ -208,7 +208,8 @@ def make_flash(forward: ForwardFn, backward: BackwardFn):
   """Wires a forward and a backward kernel into one `custom_vjp` function.
 
   The returned f(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out, lse) works on
-  padded, head-major inputs (bias [Bb, Nb, Tp, Sp] with Bb in {1, B}, Nb in {1, N}). The backward pass folds the lse cotangent into
+  padded, head-major inputs (bias [Bb, Nb, Tp, Sp] with Bb in {1, B}, Nb in {1, N}).
+  The backward pass folds the lse cotangent into
   delta_i = rowsum(o_i * do_i) - dlse_i (FlashAttention-2, Alg. 2), so
   dS = P * (dP - delta) covers both, and the sink gradient is
   dsink_h = -sum_{b,t} exp(sink_h - lse) * delta.
@@ -263,7 +264,7 @@ def logits_bias(bias, mask, shape) -> jax.Array | None:
   be compiled into the BlockMask (traced or per batch), 0 where visible and -inf
   where not (exp(-inf) = 0 exactly, so this equals masking).
   """
-  b, n, t, s = shape
+  _, _, t, s = shape
   dyn = None if mask is None or static_mask_array(mask) else mask
   if bias is None and dyn is None:
     return None
@@ -277,8 +278,49 @@ def logits_bias(bias, mask, shape) -> jax.Array | None:
     dtype = bias.dtype if bias is not None else jnp.float32
     neg = jnp.where(jnp.broadcast_to(dyn, target), 0.0, -jnp.inf).astype(dtype)
     out = neg if out is None else out + neg
-  del b, n
   return out
+
+
+def configure(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias, mask, mask_obj, logits_soft_cap, sinks,
+              q_segment_ids, block_q: int, block_kv: int, interpret: bool,
+              extra: Any = None) -> tuple[Config, jax.Array | None]:
+  """The static Config of one call and the bias tile source (see `logits_bias`)."""
+  del value
+  b, t, n, _ = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  plan = make_plan(effective_mask(mask_obj, mask, t, s, n), block_q, block_kv,
+                   n)
+  bias = logits_bias(bias, mask, (b, n, t, s))
+  cfg = Config(
+      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
+      num_kv_heads=kh, has_sinks=sinks is not None,
+      has_segments=q_segment_ids is not None, interpret=bool(interpret),
+      bias_batch=None if bias is None else bias.shape[0] > 1,
+      bias_heads=bias is not None and bias.shape[1] > 1, extra=extra)
+  return cfg, bias
+
+
+def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
+  """Splits a kernel's optional refs, in `names` order, off the front of `refs`.
+
+  Names: 'seg' (q and kv segment ids: two refs), 'bias', 'sinks', 'mask' (bitmaps).
+  Returns ({name: ref or None} with 'seg' as 'q_seg' / 'kv_seg', remaining refs).
+  """
+  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
+             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial}
+  out = {}
+  refs = list(refs)
+  for name in names:
+    if name == 'seg':
+      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
+                                     (None, None))
+      refs = refs[2:] if present['seg'] else refs
+    elif present[name]:
+      out[name], refs = refs[0], refs[1:]
+    else:
+      out[name] = None
+  return out, refs
 
 
 def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
@@ -288,8 +330,7 @@ def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
 
   `bias` is the output of `logits_bias` (or None).
   """
-  b, t, n, _ = query.shape
-  s = key.shape[1]
+  t = query.shape[1]
   hv = value.shape[-1]
   tp, sp = cfg.plan.padded_q_len, cfg.plan.padded_kv_len
   q = pad_axis(query, 1, tp).transpose(0, 2, 1, 3)  # [B, N, Tp, H]
@@ -307,7 +348,6 @@ def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
     bias = pad_axis(pad_axis(bias, 2, tp), 3, sp)  # [Bb, Nb, Tp, Sp]
   out, lse = flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
   out = out[:, :, :t, :hv].transpose(0, 2, 1, 3)  # [B, T, N, Hv]
-  del b, n, s
   if return_residuals:
     return out, lse[:, :, :t]
   return out

@@ -92,29 +92,20 @@ def _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked):
   return vis
 
 
+def _kv_tile(j, u, i, bk, idx_ref, part_ref, k_ref, v_ref, kv_seg_ref):
+  """Step j of row (u, i): bitmap index and the listed k / v / segment-id tile."""
+  part = part_ref[u, i, j]
+  start = pl.multiple_of(idx_ref[u, i, j] * bk, bk)
+  kv_ids = None if kv_seg_ref is None else kv_seg_ref[pl.ds(start, bk)]
+  return (part, start, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :],
+          kv_ids)
+
+
 def _branch(cfg, part, masked_fn, full_fn, carry):
   """FULL tiles skip the bitmap; PARTIAL tiles read it."""
   if not cfg.plan.has_partial:
     return full_fn(carry)
   return lax.cond(part >= 0, masked_fn, full_fn, carry)
-
-
-def _unpack(refs, cfg: common.Config, names):
-  """Splits the optional refs (in `names` order) off the front of `refs`."""
-  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
-             'sinks': cfg.has_sinks}
-  out = {}
-  refs = list(refs)
-  for name in names:
-    if name == 'seg':
-      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
-                                     (None, None))
-      refs = refs[2:] if present['seg'] else refs
-    elif present[name]:
-      out[name], refs = refs[0], refs[1:]
-    else:
-      out[name] = None
-  return out, refs
 
 
 def _tables(plan: common.Plan, which: str):
@@ -145,7 +136,8 @@ def _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias):
 
 def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
                 k_ref, v_ref, *refs, cfg: common.Config, bq: int, bk: int):
-  opt, (o_ref, lse_ref) = _unpack(refs, cfg, ('seg', 'bias', 'sinks'))
+  opt, (o_ref, lse_ref) = common.unpack_refs(refs, cfg,
+                                             ('seg', 'bias', 'sinks'))
   n, i = pl.program_id(1), pl.program_id(2)
   u = hm_ref[n]
   q = q_ref[...]
@@ -161,12 +153,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   acc0 = jnp.zeros((bq, hv), jnp.float32)
 
   def body(j, carry):
-    kb = kv_idx_ref[u, i, j]
-    part = kv_part_ref[u, i, j]
-    start = pl.multiple_of(kb * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][pl.ds(start, bk)]
+    part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
+                                         k_ref, v_ref, opt['kv_seg'])
 
     def update(masked, carry):
       acc, m_prev, l_prev = carry
@@ -235,7 +223,7 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
 def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
                k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                cfg: common.Config, bq: int, bk: int):
-  opt, refs = _unpack(refs, cfg, ('seg', 'bias'))
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias'))
   if cfg.has_bias:
     _, dq_ref, dbias_ref = refs  # refs[0]: the aliased zeros input
   else:
@@ -249,12 +237,8 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
 
   def body(j, dq):
-    kb = kv_idx_ref[u, i, j]
-    part = kv_part_ref[u, i, j]
-    start = pl.multiple_of(kb * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][pl.ds(start, bk)]
+    part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
+                                         k_ref, v_ref, opt['kv_seg'])
 
     def update(masked, dq):
       s, t = _logits(q, k, cfg.scale, cfg.soft_cap)
@@ -330,7 +314,7 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
 def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
                 v_ref, lse_ref, di_ref, do_ref, *refs, cfg: common.Config,
                 bq: int, bk: int):
-  opt, (dk_ref, dv_ref) = _unpack(refs, cfg, ('seg', 'bias'))
+  opt, (dk_ref, dv_ref) = common.unpack_refs(refs, cfg, ('seg', 'bias'))
   kh, kb = pl.program_id(1), pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
@@ -463,19 +447,13 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     f'{type(block_sizes).__name__}.')
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
-  b, t, n, h = query.shape
-  s, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
-  full_mask = common.effective_mask(mask_obj, mask, t, s, n)
-  plan = common.make_plan(full_mask, block_sizes.block_q, block_sizes.block_kv,
-                          n)
-  bias = common.logits_bias(bias, mask, (b, n, t, s))
-  cfg = common.Config(
-      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
-      num_kv_heads=kh, has_sinks=sinks is not None,
-      has_segments=q_segment_ids is not None, interpret=bool(interpret),
-      bias_batch=None if bias is None else bias.shape[0] > 1,
-      bias_heads=bias is not None and bias.shape[1] > 1, extra=block_sizes)
+  cfg, bias = common.configure(
+      query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
+      logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
+      block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
+      interpret=interpret, extra=block_sizes)
   pad = lambda d: max(MIN_BLOCK, common.next_power_of_two(d))
   return common.run(_flash, cfg, query, key, value, bias, sinks,
                     q_segment_ids, kv_segment_ids, return_residuals,
-                    head_dim_pad=pad(h), value_dim_pad=pad(hv))
+                    head_dim_pad=pad(query.shape[-1]),
+                    value_dim_pad=pad(value.shape[-1]))

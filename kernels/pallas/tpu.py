@@ -85,24 +85,6 @@ def _visible(masked: bool, mask_ref, q_ids, kv_ids):
 _NUM_TABLES = 5  # scalar-prefetched: head_map, indices, counts, part, fetch
 
 
-def _unpack(refs, cfg: common.Config, names):
-  """Splits the optional refs (in `names` order) off the front of `refs`."""
-  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
-             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial}
-  out = {}
-  refs = list(refs)
-  for name in names:
-    if name == 'seg':
-      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
-                                     (None, None))
-      refs = refs[2:] if present['seg'] else refs
-    elif present[name]:
-      out[name], refs = refs[0], refs[1:]
-    else:
-      out[name] = None
-  return out, refs
-
-
 def _run_steps(run, part_ref, step):
   """Active steps: FULL tiles run `step(False)` (no mask work), PARTIAL `step(True)`."""
   if part_ref is None:
@@ -116,8 +98,6 @@ def _run_steps(run, part_ref, step):
 
 def _row_specs(cfg: common.Config, bq: int, bk: int):
   """Specs of the optional per-tile inputs of the forward / dq kernels."""
-  g = cfg.group
-
   def kv_block(ni, i, j, hm, idx):
     return idx[hm[ni], i, j]
 
@@ -134,12 +114,7 @@ def _row_specs(cfg: common.Config, bq: int, bk: int):
         (None, None, bq, bk),
         lambda bi, ni, i, j, hm, idx, *_: (
             *cfg.bias_index(bi, ni), i, kv_block(ni, i, j, hm, idx))))
-  del g
   return specs
-
-
-def _mask_spec(bq: int, bk: int, fetch_of):
-  return pl.BlockSpec((None, bq, bk), fetch_of)
 
 
 def _tables(plan: common.Plan, which: str):
@@ -153,7 +128,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
                 q_ref, k_ref, v_ref, *refs, cfg: common.Config, bq: int,
                 bk: int, steps: int):
   del kv_idx_ref, kv_fetch_ref
-  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'sinks', 'mask'))
+  opt, refs = common.unpack_refs(refs, cfg,
+                                 ('seg', 'bias', 'sinks', 'mask'))
   o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
   n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   u = hm_ref[n]
@@ -253,7 +229,7 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     args.append(sinks.astype(jnp.float32))
   if plan.has_partial:
-    in_specs.append(_mask_spec(bq, bk, fetch_map))
+    in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
   kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
   out, lse = pl.pallas_call(
@@ -284,7 +260,7 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
                q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                cfg: common.Config, bk: int, steps: int):
   del kv_idx_ref, kv_fetch_ref
-  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'mask'))
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
   if cfg.has_bias:
     _, dq_ref, dbias_ref, acc_ref = refs  # refs[0]: the aliased zeros input
   else:
@@ -351,7 +327,7 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   args = [q, k, v, lanes(lse), lanes(di), do]
   args += _row_args(cfg, q_seg, kv_seg, bias)
   if plan.has_partial:
-    in_specs.append(_mask_spec(bq, bk, fetch_map))
+    in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
   out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -390,7 +366,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
                 k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                 cfg: common.Config, bq: int, steps: int):
   del q_idx_ref, q_fetch_ref
-  opt, refs = _unpack(refs, cfg, ('seg', 'bias', 'mask'))
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
   dk_ref, dv_ref, dk_acc, dv_acc = refs
   kh, kb, gi, j = (pl.program_id(1), pl.program_id(2), pl.program_id(3),
                    pl.program_id(4))
@@ -562,27 +538,20 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     f'{type(block_sizes).__name__}.')
   if interpret is None:
     interpret = jax.default_backend() != 'tpu'
-  b, t, n, _ = query.shape
-  s, kh = key.shape[1], key.shape[2]
-  full_mask = common.effective_mask(mask_obj, mask, t, s, n)
-  plan = common.make_plan(full_mask, block_sizes.block_q, block_sizes.block_kv,
-                          n)
+  cfg, bias = common.configure(
+      query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
+      logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
+      block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
+      interpret=interpret)
   if not interpret:
-    wide = [x.dtype for x in (query, key, value) if x.dtype == jnp.float64]
-    if wide:
+    if any(x.dtype == jnp.float64 for x in (query, key, value)):
       raise ValueError(f'{_NAME} does not support float64 query/key/value on '
                        'TPU (Mosaic has no float64); got float64.')
-    if plan.table_bytes() > SMEM_TABLE_BUDGET:
+    table_bytes = cfg.plan.table_bytes()
+    if table_bytes > SMEM_TABLE_BUDGET:
       raise ValueError(
-          f'{_NAME}: the block tables need {plan.table_bytes()} bytes of SMEM, '
-          f'more than the {SMEM_TABLE_BUDGET}-byte budget; use larger '
-          "block_sizes or implementation='xla'.")
-  bias = common.logits_bias(bias, mask, (b, n, t, s))
-  cfg = common.Config(
-      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
-      num_kv_heads=kh, has_sinks=sinks is not None,
-      has_segments=q_segment_ids is not None, interpret=bool(interpret),
-      bias_batch=None if bias is None else bias.shape[0] > 1,
-      bias_heads=bias is not None and bias.shape[1] > 1)
+          f'{_NAME}: the block tables need {table_bytes} bytes of SMEM, more '
+          f'than the {SMEM_TABLE_BUDGET}-byte budget; use larger block_sizes or '
+          "implementation='xla'.")
   return common.run(_flash, cfg, query, key, value, bias, sinks,
                     q_segment_ids, kv_segment_ids, return_residuals)
