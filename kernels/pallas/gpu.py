@@ -445,8 +445,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.gpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
-  if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
+  interpret = common.check_interpret(interpret, 'gpu')
   cfg, bias = common.configure(
       query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
       logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,

@@ -503,6 +503,40 @@ _flash = common.make_flash(_forward, _backward)
 SMEM_TABLE_BUDGET = 512 * 1024
 
 
+def _smem_reason(plan: common.Plan) -> str | None:
+  table_bytes = plan.table_bytes()
+  if table_bytes <= SMEM_TABLE_BUDGET:
+    return None
+  return (f'the block tables need {table_bytes} bytes of SMEM, more than the '
+          f'{SMEM_TABLE_BUDGET}-byte budget (use larger block_sizes or '
+          "implementation='xla')")
+
+
+def unsupported(*, bias=None, mask=None, mask_obj=None, sinks=None,
+                q_segment_ids=None, kv_segment_ids=None,
+                **unused) -> str | None:
+  """Why these inputs cannot compile on this TPU (None: they can, or unknowable).
+
+  Every input combination runs in interpret mode; on a TPU backend the scalar tables
+  of the default 128 x 128 tiles must fit `SMEM_TABLE_BUDGET`. The lengths come from
+  the mask, segment ids or bias (full attention with none of them cannot be checked
+  here; `attention` then raises the same reason).
+  """
+  del unused
+  if jax.default_backend() != 'tpu':
+    return None
+  shape = common.known_shape(bias=bias, mask=mask, mask_obj=mask_obj,
+                             sinks=sinks, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids)
+  if shape is None:
+    return None
+  n, t, s = shape
+  sizes = BlockSizes()
+  plan = common.make_plan(common.effective_mask(mask_obj, mask, t, s, n),
+                          sizes.block_q, sizes.block_kv, n)
+  return _smem_reason(plan)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               scale: float, bias: jax.Array | None = None,
               mask: jax.Array | None = None,
@@ -536,8 +570,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
-  if interpret is None:
-    interpret = jax.default_backend() != 'tpu'
+  interpret = common.check_interpret(interpret, 'tpu')
   cfg, bias = common.configure(
       query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
       logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
@@ -547,11 +580,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     if any(x.dtype == jnp.float64 for x in (query, key, value)):
       raise ValueError(f'{_NAME} does not support float64 query/key/value on '
                        'TPU (Mosaic has no float64); got float64.')
-    table_bytes = cfg.plan.table_bytes()
-    if table_bytes > SMEM_TABLE_BUDGET:
-      raise ValueError(
-          f'{_NAME}: the block tables need {table_bytes} bytes of SMEM, more '
-          f'than the {SMEM_TABLE_BUDGET}-byte budget; use larger block_sizes or '
-          "implementation='xla'.")
+    reason = _smem_reason(cfg.plan)
+    if reason:
+      raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
   return common.run(_flash, cfg, query, key, value, bias, sinks,
                     q_segment_ids, kv_segment_ids, return_residuals)

@@ -339,6 +339,8 @@ def test_hardware_only_errors_and_bad_arguments(impl, monkeypatch):
   q = jnp.ones((1, 128, 2, 16), jnp.float32)
   with pytest.raises(TypeError, match='block_sizes'):
     MODULES[impl].attention(q, q, q, scale=1.0, block_sizes=(128, 128))
+  with pytest.raises(TypeError, match='interpret must be a bool or None'):
+    MODULES[impl].attention(q, q, q, scale=1.0, interpret='yes')
   if impl == 'pallas_tpu':
     with pytest.raises(ValueError, match='float64'):
       pallas_tpu.attention(q.astype(jnp.float64), q, q, scale=1.0,
@@ -346,6 +348,24 @@ def test_hardware_only_errors_and_bad_arguments(impl, monkeypatch):
     monkeypatch.setattr(pallas_tpu, 'SMEM_TABLE_BUDGET', 16)
     with pytest.raises(ValueError, match='bytes of SMEM'):
       pallas_tpu.attention(q, q, q, scale=1.0, interpret=False)
+
+
+def test_tpu_smem_budget_steers_dispatch(monkeypatch):
+  """On a TPU backend, tables over the SMEM budget: explicit use raises, None falls
+  back (lengths known from the mask, segment ids or bias)."""
+  kw = _kwargs(mask_obj=base.causal(1024))
+  assert pallas_tpu.unsupported(**kw) is None  # CPU backend: interpret runs all
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert pallas_tpu.unsupported(**kw) is None  # 8 x 8 tiles fit
+  monkeypatch.setattr(pallas_tpu, 'SMEM_TABLE_BUDGET', 64)
+  seg = jnp.zeros((1, 1024), jnp.int32)
+  for case in (kw, _kwargs(q_segment_ids=seg, kv_segment_ids=seg),
+               _kwargs(bias=jnp.zeros((1, 1, 1024, 1024)))):
+    assert 'bytes of SMEM' in pallas_tpu.unsupported(**case)
+    assert api._select(None, 'tpu', case) is not pallas_tpu.attention
+    with pytest.raises(ValueError, match="pallas_tpu.*bytes of SMEM"):
+      api._select('pallas_tpu', 'tpu', case)
+  assert pallas_tpu.unsupported(**_kwargs()) is None  # lengths unknowable
 
 
 def test_block_size_validation():
