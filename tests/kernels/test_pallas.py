@@ -202,6 +202,21 @@ def test_sweep_gqa_ratios_dtypes(impl, ratio, dtype):
   _assert_close(got, want, dtype, same)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('t,s,n,kh,h,hv,mask', [
+    (1, 300, 2, 1, 8, 24, None),  # decoding one query; tiny head dim
+    (300, 1, 2, 2, 16, 16, None),  # a single key
+    (70, 130, 4, 2, 32, 48, base.causal(70, 130)),  # top-left causal, T < S
+    (130, 70, 3, 1, 32, 48, base.causal(130, 70, offset=-60)),  # empty rows
+])
+def test_edge_shapes(impl, t, s, n, kh, h, hv, mask):
+  q, k, v, w_out, w_lse, _ = _inputs(6, 1, t, s, n, kh, h, hv, jnp.float32)
+  got = _value_and_grads(impl, q, k, v, None, None, w_out, w_lse, mask=mask)
+  want = _golden(q, k, v, None, None, w_out, w_lse, mask=mask)
+  _assert_close(got, want, jnp.float32)
+
+
 # ------------------------------------------------------------------ vs splash attention
 
 
