@@ -205,9 +205,13 @@ def make_plan(mask: masks_base.Mask, block_q: int, block_kv: int,
               partial_masks=partial, has_partial=has_partial)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything static about one call (a `custom_vjp` non-differentiable argument)."""
+  """Everything static about one call (a `custom_vjp` non-differentiable argument).
+
+  Hashed by value (the Plan by identity; `make_plan` is cached), so repeated calls
+  with the same mask, shapes and options reuse the compiled kernels.
+  """
   plan: Plan
   scale: float
   soft_cap: float | None
@@ -358,6 +362,8 @@ def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
   return out, refs
 
 
+@functools.partial(jax.jit, static_argnames=(
+    'flash', 'cfg', 'return_residuals', 'head_dim_pad', 'value_dim_pad'))
 def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
         bias, sinks, q_segment_ids, kv_segment_ids, return_residuals: bool,
         head_dim_pad: int | None = None, value_dim_pad: int | None = None):

@@ -400,14 +400,19 @@ def test_block_size_validation():
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_explicit_block_sizes_and_default_interpret_on_cpu(impl):
-  """Non-default tiles give the same answer (interpret is chosen on CPU)."""
+  """Non-default tiles give the same answer (interpret is chosen on CPU); eager
+  calls with an equal configuration reuse the compiled kernels."""
   b, t, n, h = 1, 96, 2, 16
   q, k, v, _, _, _ = _inputs(5, b, t, t, n, n, h, h, jnp.float32)
   sizes = (pallas_tpu.BlockSizes(block_q=256, block_kv=128)
            if impl == 'pallas_tpu' else
            pallas_gpu.BlockSizes(block_q=32, block_kv=16, num_warps=4))
-  got = _jit(lambda q, k, v: MODULES[impl].attention(
-      q, k, v, scale=0.25, mask_obj=base.causal(t), block_sizes=sizes))(q, k, v)
+  call = lambda: MODULES[impl].attention(
+      q, k, v, scale=0.25, mask_obj=base.causal(t), block_sizes=sizes)
+  got = call()
+  compiled = common.run._cache_size()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(call(), got)  # same mask and options:
+  assert common.run._cache_size() == compiled  # no new trace or compile
   want = _jit(functools.partial(api.dot_product_attention, scale=0.25,
                                is_causal=True, implementation='reference'))(
                                    q.astype(jnp.float64), k.astype(jnp.float64),
