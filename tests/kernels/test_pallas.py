@@ -217,6 +217,59 @@ def test_edge_shapes(impl, t, s, n, kh, h, hv, mask):
   _assert_close(got, want, jnp.float32)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('impl', IMPLS)
+@hypothesis.settings(max_examples=6)
+@hypothesis.given(data=st.data())
+def test_random_masks_property(impl, data):
+  """Random per-head masks (EMPTY / PARTIAL / FULL tiles), lengths, head ratios,
+  tiles and options against the float64 reference."""
+  draw = data.draw
+  small = impl == 'pallas_gpu'
+  t = draw(st.integers(1, 96 if small else 300), label='t')
+  s = draw(st.integers(1, 96 if small else 300), label='s')
+  kh = draw(st.sampled_from([1, 2]), label='kh')
+  n = kh * draw(st.sampled_from([1, 2]), label='group')
+  density = draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]), label='density')
+  seed = draw(st.integers(0, 2**16), label='seed')
+  rng = np.random.default_rng(seed)
+  # Block-structured randomness so that whole tiles are empty or full too.
+  coarse = rng.random((n, -(-t // 16), -(-s // 16))) < density
+  dense = np.repeat(np.repeat(coarse, 16, 1), 16, 2)[:, :t, :s]
+  dense &= rng.random((n, t, s)) < draw(st.sampled_from([0.7, 1.0]))
+  kw = dict(mask=base.from_array(dense))
+  if draw(st.booleans(), label='soft_cap'):
+    kw['logits_soft_cap'] = 3.0
+  if t == s and draw(st.booleans(), label='segments'):
+    kw['segment_ids'] = jnp.asarray(
+        np.sort(rng.integers(0, 3, (1, t))), jnp.int32)
+  use_sinks = draw(st.booleans(), label='sinks')
+  q, k, v, w_out, w_lse, sinks = _inputs(seed, 1, t, s, n, kh, 16, 16,
+                                         jnp.float32)
+  sinks = sinks if use_sinks else None
+  sizes = (pallas_gpu.BlockSizes(block_q=draw(st.sampled_from([16, 32])),
+                                 block_kv=draw(st.sampled_from([16, 32])))
+           if small else pallas_tpu.BlockSizes())
+  name = f'{impl}_test_blocks'
+  api.register_implementation(name, _with_blocks(MODULES[impl], sizes))
+  try:
+    got = _value_and_grads(name, q, k, v, sinks, None, w_out, w_lse, **kw)
+  finally:
+    api._REGISTRY.pop(name)  # pylint: disable=protected-access
+  want = _golden(q, k, v, sinks, None, w_out, w_lse, **kw)
+  _assert_close(got, want, jnp.float32)
+
+
+def _with_blocks(module, sizes):
+  """An implementation object running `module.attention` with given tiles."""
+
+  class Impl:
+    attention = staticmethod(functools.partial(module.attention,
+                                               block_sizes=sizes))
+
+  return Impl
+
+
 # ------------------------------------------------------------------ vs splash attention
 
 
