@@ -550,6 +550,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               interpret: bool | None = None):
   """Block-sparse flash attention on TPU (see `attention.dot_product_attention`).
 
+  Inputs are validated by `dot_product_attention`; this is its implementation entry.
+
   Every input combination of the dispatch contract is supported: the static mask
   (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
   `bias` and any other `mask` array are added to the logits tile by tile.

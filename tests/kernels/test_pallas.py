@@ -476,17 +476,18 @@ def test_explicit_block_sizes_and_default_interpret_on_cpu(impl):
 # ------------------------------------------------------------------ hardware lowering
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize('impl,platform', [('pallas_tpu', 'tpu'),
                                            ('pallas_gpu', 'cuda')])
-def test_lowers_for_hardware(impl, platform):
+def test_lowers_for_hardware(impl, platform, dtype):
   """Forward + backward lower to Mosaic (TPU) / Triton (GPU) IR without interpret.
 
   This runs the Pallas hardware lowering (block-shape, dtype and primitive checks)
   on CPU; the final Mosaic / PTX compilation only happens on a real device.
   """
   b, t, n, kh, h = 1, 256, 4, 2, 128
-  q = jnp.ones((b, t, n, h), jnp.bfloat16)
-  kv = jnp.ones((b, t, kh, h), jnp.bfloat16)
+  q = jnp.ones((b, t, n, h), dtype)
+  kv = jnp.ones((b, t, kh, h), dtype)
   seg = jnp.zeros((b, t), jnp.int32)
   mask = base.causal(t) & base.from_array(_per_head_masks(t))
 
