@@ -7,7 +7,8 @@ listed for it in the compiled mask. FULL tiles take the unmasked branch of a
 `lax.cond`; PARTIAL tiles load their deduplicated int8 bitmap. The backward pass is a
 dq kernel (same lists) and a fused dk/dv kernel with one program per (batch, kv head,
 kv block) that loops over the G query heads sharing that kv head and over each head's
-transposed q list, so k/v and dk/dv are never repeated per query head.
+transposed q list, so k/v and dk/dv are never repeated per query head. An additive
+bias is read tile by tile; the dq kernel also stores the per-tile logits gradient.
 
 Triton constraints followed: block_q / block_kv are powers of two >= 16 (tl.dot minimum),
 head dims are zero-padded to a power of two >= 16 outside the kernel (exact: zero

@@ -8,9 +8,11 @@ scalar-prefetched into SMEM and the k/v index maps read it, so the grid
 skipped with `pl.when` and re-use the previous block index (no new DMA). FULL tiles run
 without mask work; PARTIAL tiles read their deduplicated bitmap block.
 
-Three kernels: forward (out, lse), dq (over the kv lists) and a fused dk/dv kernel
-(over the transposed q lists, accumulating the G = N // K query heads of one kv head
-in VMEM scratch, so k/v and dk/dv are never repeated per query head).
+Three kernels: forward (out, lse), dq (over the kv lists; with a bias it also writes
+the per-tile logits gradient) and a fused dk/dv kernel (over the transposed q lists,
+accumulating the G = N // K query heads of one kv head in VMEM scratch, so k/v and
+dk/dv are never repeated per query head). An additive bias is read tile by tile
+through the same index maps.
 
 Tiling (Mosaic): block_q and block_kv are multiples of 128 (each is the lane dimension
 of a logits tile in one of the kernels); head dims are whole blocks (any size; a
