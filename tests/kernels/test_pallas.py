@@ -274,10 +274,9 @@ def _with_blocks(module, sizes):
 
 
 def test_matches_splash_attention():
-  """The TPU kernel agrees with JAX splash attention (interpret) on Causal / Local.
-
-  (The GPU kernel is checked against the float64 reference on the same masks.)
-  """
+  """Both kernels agree with JAX splash attention (interpret) on Causal / Local
+  heads: the TPU kernel in output and gradients, the GPU kernel in output (its
+  gradients are checked against the float64 reference on the same masks)."""
   t, n, h = 256, 2, 128
   q, k, v, w_out, _, _ = _inputs(4, 1, t, t, n, n, h, h, jnp.float32)
   local = splash.LocalMask((t, t), window_size=(64, 0), offset=0)
@@ -306,6 +305,8 @@ def test_matches_splash_attention():
                          argnums=(0, 1, 2), has_aux=True))(q, k, v)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert _err(g, w) <= 2e-5 * max(1.0, float(jnp.max(jnp.abs(w))))
+  gpu_out = _jit(functools.partial(ours_loss, 'pallas_gpu'))(q, k, v)[1]
+  assert _err(gpu_out, want[1]) <= 2e-5
 
 
 # ------------------------------------------------------------------ static plan
