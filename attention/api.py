@@ -28,6 +28,8 @@ from attention.masks import base as masks_base
 # name -> module path (imported lazily, so kernels may import `attention`).
 _BUILTIN: dict[str, str] = {
     'reference': 'attention.reference',
+    'pallas_tpu': 'kernels.pallas.tpu',
+    'pallas_gpu': 'kernels.pallas.gpu',
 }
 _REGISTRY: dict[str, Any] = dict(_BUILTIN)
 
