@@ -54,6 +54,10 @@ def get_config(preset: str = 'quick') -> ml_collections.ConfigDict:
   c.rng_impl = 'threefry2x32'
   if preset == 'quick':
     c.heads = (1, 2, 4)
+    # Seed 0's H = 2 init sits on the same-sign plateau (both heads alike, loss ~
+    # single head) for > 3000 steps at these settings; seeds 1 and 2 pair within
+    # 500 steps (observed over seeds 0-3). The quick run uses seed 1.
+    c.seeds = (1,)
     c.steps = 3000
     c.lr = 3e-3
     c.log_every = 250

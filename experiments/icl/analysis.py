@@ -23,25 +23,41 @@ from experiments.icl import model
 from experiments.icl import predictors
 
 
+def _offdiag_masks(dd: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+  """Boolean [D, D] masks: the x-block diagonal, and the identifiable entries.
+
+  Rows >= d of KQ_h multiply the query's label slots, which are always 0 (z_q =
+  (x_q, 0)), so they never affect the output (the matching columns of Q_h get zero
+  gradient and keep their random init); the identifiable off-diagonal mass excludes
+  them."""
+  diag = np.zeros((dd, dd), bool)
+  diag[np.arange(d), np.arange(d)] = True
+  ident = np.zeros((dd, dd), bool)
+  ident[:d, :] = True
+  return diag, ident
+
+
 def head_structure(params: dict[str, np.ndarray], d: int) -> dict[str, np.ndarray]:
   """Per-head readouts of stacked params (any leading axes, then heads N).
 
   Returns arrays [..., N]: omega (effective, includes 1/sqrt(D)), mu (single task),
-  offdiag_ratio = ||KQ_h without the x-block diagonal||_F / ||x-block diagonal||_2,
+  offdiag_ratio = ||identifiable KQ_h entries off the x-block diagonal||_F /
+  ||x-block diagonal||_2 (see `_offdiag_masks`), offdiag_ratio_full (all entries),
   diag_cv = std / |mean| of the x-block diagonal (homogeneity), last_share =
   OV_h[-1]^2 / ||OV_h||^2.
   """
   kq = np.asarray(model.kq_matrices(params))  # [..., N, D, D]
   ov = np.asarray(model.ov_matrices(params))  # [..., N, T, D]
+  diag_m, ident_m = _offdiag_masks(kq.shape[-1], d)
   diag = np.diagonal(kq[..., :d, :d], axis1=-2, axis2=-1)  # [..., N, d]
-  eye_d = np.zeros(kq.shape[-2:], bool)
-  eye_d[np.arange(d), np.arange(d)] = True
-  off = np.where(eye_d, 0.0, kq)
+  diag_norm = np.maximum(np.sqrt(np.sum(diag ** 2, -1)), 1e-12)
   omega, mu = (np.asarray(a) for a in model.omega_mu(params, d))
   out = {
       'omega': omega,
-      'offdiag_ratio': np.sqrt(np.sum(off ** 2, (-2, -1))) /
-                       np.maximum(np.sqrt(np.sum(diag ** 2, -1)), 1e-12),
+      'offdiag_ratio': np.sqrt(np.sum(
+          np.where(ident_m & ~diag_m, kq, 0.0) ** 2, (-2, -1))) / diag_norm,
+      'offdiag_ratio_full': np.sqrt(np.sum(
+          np.where(diag_m, 0.0, kq) ** 2, (-2, -1))) / diag_norm,
       'diag_cv': np.std(diag, -1) / np.maximum(np.abs(np.mean(diag, -1)), 1e-12),
   }
   if ov.shape[-2] == 1:
@@ -65,10 +81,10 @@ def model_summary(params: dict[str, np.ndarray], heads: Sequence[int], d: int,
     step = omega * mu
     active = np.abs(step) >= active_fraction * np.max(np.abs(step), -1,
                                                      keepdims=True)
-    kq = np.asarray(model.kq_matrices(params))[..., sl, :d, :d]
-    diag_mass = np.sum(np.diagonal(kq, axis1=-2, axis2=-1) ** 2, (-2, -1))
-    all_mass = np.sum(np.asarray(model.kq_matrices(params))[..., sl, :, :] ** 2,
-                      (-3, -2, -1))
+    kq = np.asarray(model.kq_matrices(params))[..., sl, :, :]  # [S, H, D, D]
+    diag_m, ident_m = _offdiag_masks(kq.shape[-1], d)
+    diag_mass = np.sum(np.where(diag_m, kq, 0.0) ** 2, (-3, -2, -1))
+    off_mass = np.sum(np.where(ident_m & ~diag_m, kq, 0.0) ** 2, (-3, -2, -1))
     rows.append({
         'heads': h,
         'omega': omega.tolist(),
@@ -79,8 +95,9 @@ def model_summary(params: dict[str, np.ndarray], heads: Sequence[int], d: int,
         'sum_mu_over_sum_abs_mu': (np.sum(mu, -1) / np.maximum(
             np.sum(np.abs(mu), -1), 1e-12)).tolist(),
         'offdiag_ratio_per_head': s['offdiag_ratio'][..., sl].tolist(),
-        'offdiag_ratio': np.sqrt(np.maximum(all_mass - diag_mass, 0) /
-                                 np.maximum(diag_mass, 1e-12)).tolist(),
+        'offdiag_ratio': np.sqrt(off_mass / np.maximum(diag_mass, 1e-12)
+                                 ).tolist(),
+        'offdiag_ratio_full_per_head': s['offdiag_ratio_full'][..., sl].tolist(),
         'diag_cv_per_head': s['diag_cv'][..., sl].tolist(),
         'last_share_per_head': s['last_share'][..., sl].tolist(),
         'active_heads': active.tolist(),

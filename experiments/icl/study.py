@@ -95,30 +95,48 @@ def _seed0(tree):
 
 def _verdicts(rows: list[dict[str, Any]], pair: dict[str, float] | None,
               errors: dict[str, Any]) -> dict[str, Any]:
-  """Qualitative checks of findings 1-4 on seed-averaged numbers."""
-  multi = [r for r in rows if r['heads'] > 1]
-  v = {}
-  v['finding1_kq_diagonal'] = bool(all(
-      np.mean(r['offdiag_ratio']) < OFFDIAG_MAX for r in multi))
-  v['finding2_ov_last_entry'] = bool(all(
-      np.mean([s for s, a in zip(np.ravel(r['last_share_per_head']),
-                                 np.ravel(r['active_heads'])) if a])
-      > LAST_SHARE_MIN for r in multi))
-  v['finding3_zero_sum'] = bool(all(
-      np.mean(np.abs(r['sum_mu_over_sum_abs_mu'])) < ZERO_SUM_MAX for r in multi))
+  """Qualitative checks of findings 1-4 per head count (seed-averaged numbers)."""
+  v = {'per_heads': {}}
+  for r in rows:
+    if r['heads'] == 1:
+      continue
+    active = np.asarray(r['active_heads'], bool)
+    share = np.asarray(r['last_share_per_head'])
+    v['per_heads'][str(r['heads'])] = {
+        'kq_diagonal': bool(np.mean(r['offdiag_ratio']) < OFFDIAG_MAX),
+        'ov_last_entry_active_heads': bool(np.mean(share[active]) >
+                                           LAST_SHARE_MIN),
+        'zero_sum': bool(np.mean(np.abs(r['sum_mu_over_sum_abs_mu'])) <
+                         ZERO_SUM_MAX),
+        'num_active_heads_per_seed': np.sum(active, -1).tolist(),
+    }
   if pair is not None:
-    v['finding4_h2_pairing'] = bool(pair['opposite_omega'] and pair['opposite_mu'])
+    v['h2_pairing_opposite_signs'] = bool(pair['opposite_omega'] and
+                                          pair['opposite_mu'])
   mean = errors['mean']
-  i = errors['lengths'].index(errors['train_length']) if (
-      errors['train_length'] in errors['lengths']) else None
-  if i is not None and 'softmax_H1' in mean and multi:
-    best_multi = min(mean[f'softmax_H{r["heads"]}'][i] for r in multi)
-    v['multihead_below_single_head'] = bool(best_multi < mean['softmax_H1'][i])
-    v['multihead_below_best_single_head_predictor'] = bool(
-        best_multi < mean['single_head_best'][i])
+  if errors['train_length'] in errors['lengths'] and 'softmax_H1' in mean:
+    i = errors['lengths'].index(errors['train_length'])
+    multi = [r['heads'] for r in rows if r['heads'] > 1]
+    if multi:
+      best = min(mean[f'softmax_H{h}'][i] for h in multi)
+      v['multihead_below_single_head_at_train_length'] = bool(
+          best < mean['softmax_H1'][i])
+      v['multihead_below_best_single_head_predictor'] = bool(
+          best < mean['single_head_best'][i])
+  lin = [k for k in mean if k.startswith('linear')]
+  if lin and errors['train_length'] in errors['lengths']:
+    i = errors['lengths'].index(errors['train_length'])
+    j = int(np.argmax(errors['lengths']))
+    if errors['lengths'][j] > errors['train_length']:
+      soft = [k for k in mean if k.startswith('softmax')]
+      v['longer_context_softmax_improves'] = bool(all(
+          mean[k][j] <= mean[k][i] for k in soft))
+      v['longer_context_linear_degrades'] = bool(all(
+          mean[k][j] > mean[k][i] for k in lin))
   v['thresholds'] = {'offdiag_ratio_max': OFFDIAG_MAX,
                      'last_share_min': LAST_SHARE_MIN,
-                     'zero_sum_relative_max': ZERO_SUM_MAX}
+                     'zero_sum_relative_max': ZERO_SUM_MAX,
+                     'active_head': '|omega_h mu_h| >= 0.1 max_h |omega_h mu_h|'}
   return v
 
 

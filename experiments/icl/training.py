@@ -16,6 +16,7 @@ trajectories of the analyses) and the mean loss of every chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -95,9 +96,17 @@ def _init_one(spec: RunSpec, seed: int) -> dict[str, Any]:
   key = jax.random.key(seed)
   k_soft, k_lin = jax.random.split(jax.random.fold_in(key, 1))
   dd, t = spec.task.token_dim, spec.task.num_tasks
-  params = {'softmax': model.init_params(k_soft, spec.heads, dd, t)}
+
+  def init(k, heads):
+    # Each model's init depends only on (seed, its head count), so a model trains
+    # identically alone or alongside others.
+    parts = [model.init_params(jax.random.fold_in(k, h), (h,), dd, t)
+             for h in heads]
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+  params = {'softmax': init(k_soft, spec.heads)}
   if spec.linear_heads:
-    params['linear'] = model.init_params(k_lin, spec.linear_heads, dd, t)
+    params['linear'] = init(k_lin, spec.linear_heads)
   data_key = jax.random.key_data(
       jax.random.key(seed, impl=spec.rng_impl))
   return {'params': params, 'key': data_key}
@@ -141,6 +150,7 @@ def init_state(spec: RunSpec) -> dict[str, Any]:
   }
 
 
+@functools.lru_cache(maxsize=16)
 def make_chunk_fn(spec: RunSpec) -> Callable[[dict[str, Any]], dict[str, Any]]:
   """Jitted: advances the state by `log_every` steps and records a snapshot."""
   opt = _optimizer(spec)
