@@ -141,7 +141,7 @@ def pairing_plot(history: dict[str, np.ndarray], final: dict[str, np.ndarray],
 def error_vs_length_plot(result: dict[str, Any], path: str) -> str:
   """Finding 4: test MSE vs context length for models and predictors."""
   lengths = result['lengths']
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(9.5, 4.5))
   styles = {'ridge': ('k', '-', 'ridge (Bayes)'),
             'debiased_gd': ('tab:green', '--', 'debiased GD'),
             'gd': ('tab:olive', ':', 'GD'),
@@ -162,7 +162,7 @@ def error_vs_length_plot(result: dict[str, Any], path: str) -> str:
   ax.set_yscale('log')
   ax.set_xlabel('context length L (dotted: training L)')
   ax.set_ylabel('test MSE on y_q (incl. noise sigma^2)')
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   return _save(fig, path)
 
 

@@ -1,0 +1,1 @@
+"""Benchmark libraries: each exposes run(suite, workdir) -> list[dict]."""
