@@ -63,6 +63,37 @@ def _matmul_gflops(n: int = 512, reps: int = 20) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def _scan_rate(fn, steps: int) -> float:
+  """Steps/s of `fn(i) -> scalar` run `steps` times in one jitted lax.scan."""
+  f = jax.jit(lambda: jax.lax.scan(lambda c, i: (c + fn(i), None), 0.0,
+                                   jnp.arange(steps))[0])
+  f().block_until_ready()
+  t0 = time.perf_counter()
+  f().block_until_ready()
+  return steps / (time.perf_counter() - t0)
+
+
+def _component_rates(steps: int) -> dict[str, float]:
+  """Per-step cost split: data generation alone vs H=1 forward+backward alone."""
+  spec = _paper_spec(heads=(1,), linear_heads=())
+  key = jax.random.key(0)
+  batch = data.sample(spec.task, key, spec.batch, spec.length)
+  params = training.init_state(spec)['params']
+  params = jax.tree.map(lambda a: a[0], params)
+
+  def grad_q(i):
+    b = batch._replace(x=batch.x * (1 + i * 1e-9))
+    g = jax.grad(lambda p: training.loss_fn(spec, p, b)[0])(params)
+    return jnp.sum(g['softmax']['Q'])
+
+  return {
+      'data_only_steps_per_s': _scan_rate(lambda i: jnp.sum(data.sample(
+          spec.task, jax.random.fold_in(key, i), spec.batch, spec.length).yq),
+                                          steps),
+      'h1_fwd_bwd_only_steps_per_s': _scan_rate(grad_q, steps),
+  }
+
+
 def run(suite: str, workdir: str) -> list[dict[str, Any]]:
   """Runs the benchmark; returns flat rows of measured numbers."""
   if suite not in SUITES:
@@ -111,6 +142,7 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
       'target_min': 30.0,
       'matmul_gflops_ceiling': ceiling,
       'devices': len(jax.devices()),
+      **_component_rates(chunks * 100),
   })
   if suite == 'full':
     spec = dataclasses.replace(base, log_every=2500, name='bench_full')

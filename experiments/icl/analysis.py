@@ -268,6 +268,14 @@ def _precond_errors(batch, fit, gamma, sigma_inv, sigma2, d_scale, soft_pred):
   return jnp.stack(out)
 
 
+def _models_and_seeds(state_params: dict[str, Any], spec):
+  """Yields (model index, heads, seed index, all softmax params, this model's)."""
+  for m, (h, sl) in enumerate(zip(spec.heads, model.head_slices(spec.heads))):
+    for s in range(len(spec.seeds)):
+      soft = jax.tree.map(lambda a, s=s: a[s], state_params['softmax'])
+      yield m, h, s, soft, jax.tree.map(lambda a, sl=sl: a[sl], soft)
+
+
 def noniso_analysis(state_params: dict[str, Any], spec, n_test: int,
                     seed: int) -> dict[str, Any]:
   """Non-isotropic covariates: the learned preconditioner vs Sigma^{-1}.
@@ -285,26 +293,21 @@ def noniso_analysis(state_params: dict[str, Any], spec, n_test: int,
   fit = data.sample_numpy(task, seed + 1, n_test, spec.length)
   names = ['trained', 'debiased_gd_identity', 'debiased_gd_sigma_inv',
            'debiased_gd_learned_gamma', 'learned_gamma_first_order', 'ridge']
-  rows = []
-  for m, (h, sl) in enumerate(zip(spec.heads, model.head_slices(spec.heads))):
-    per_seed = []
-    for s in range(len(spec.seeds)):
-      soft = jax.tree.map(lambda a: a[s], state_params['softmax'])
-      sub = jax.tree.map(lambda a: a[sl], soft)
-      gamma = effective_preconditioner(sub, task.d)
-      pred = _predict(soft, batch.context, batch.query, spec.heads)[:, m, 0]
-      # debiased_gd uses (x_l - xbar)^T P x_q, so P = Gamma^T.
-      errs = np.asarray(_precond_errors(batch, fit, jnp.asarray(gamma.T),
-                                        jnp.asarray(sigma_inv, jnp.float32),
-                                        task.sigma2, float(task.d), pred))
-      per_seed.append({
-          'gamma': gamma.tolist(),
-          'cos_gamma_sigma_inv': cosine(gamma, sigma_inv),
-          'cos_gamma_identity': cosine(gamma, np.eye(task.d)),
-          'cos_gamma_sigma': cosine(gamma, sigma),
-          'errors': dict(zip(names, errs.tolist())),
-      })
-    rows.append({'heads': h, 'per_seed': per_seed})
+  rows = [{'heads': h, 'per_seed': []} for h in spec.heads]
+  for m, _, _, soft, sub in _models_and_seeds(state_params, spec):
+    gamma = effective_preconditioner(sub, task.d)
+    pred = _predict(soft, batch.context, batch.query, spec.heads)[:, m, 0]
+    # debiased_gd uses (x_l - xbar)^T P x_q, so P = Gamma^T.
+    errs = np.asarray(_precond_errors(batch, fit, jnp.asarray(gamma.T),
+                                      jnp.asarray(sigma_inv, jnp.float32),
+                                      task.sigma2, float(task.d), pred))
+    rows[m]['per_seed'].append({
+        'gamma': gamma.tolist(),
+        'cos_gamma_sigma_inv': cosine(gamma, sigma_inv),
+        'cos_gamma_identity': cosine(gamma, np.eye(task.d)),
+        'cos_gamma_sigma': cosine(gamma, sigma),
+        'errors': dict(zip(names, errs.tolist())),
+    })
   return {'rho': task.rho, 'sigma_inv': sigma_inv.tolist(),
           'length': spec.length, 'n_test': n_test, 'models': rows}
 
@@ -326,28 +329,23 @@ def multitask_analysis(state_params: dict[str, Any], spec, n_test: int,
   ridge_err = []
   for k, (a, b) in enumerate(task.windows):
     p = _ridge(batch.x[..., a:b], batch.y[..., k], batch.xq[:, a:b],
-                         task.sigma2, 1.0)
+               task.sigma2, 1.0)
     ridge_err.append(float(jnp.mean((p - batch.yq[:, k]) ** 2)))
-  rows = []
-  for m, (h, sl) in enumerate(zip(spec.heads, model.head_slices(spec.heads))):
-    per_seed = []
-    for s in range(len(spec.seeds)):
-      soft = jax.tree.map(lambda a: a[s], state_params['softmax'])
-      sub = jax.tree.map(lambda a: a[sl], soft)
-      ov = np.asarray(model.ov_matrices(sub))  # [H, T, D]
-      kq = np.asarray(model.kq_matrices(sub)) / math.sqrt(task.token_dim)
-      mu = ov[:, :, d:]  # [H, T, T]
-      diag = np.diagonal(mu, axis1=-2, axis2=-1)  # [H, T]
-      serves = np.abs(diag) >= serve_fraction * np.max(np.abs(mu))
-      pred = _predict(soft, batch.context, batch.query, spec.heads)[:, m]  # [B, T]
-      errs = jnp.mean((pred - batch.yq) ** 2, axis=0)
-      per_seed.append({
-          'mu': mu.tolist(),
-          'kq_x_diag': np.diagonal(kq[:, :d, :d], axis1=-2, axis2=-1).tolist(),
-          'serves_tasks': [np.nonzero(r)[0].tolist() for r in serves],
-          'num_heads_serving_both': int(np.sum(np.all(serves, -1))),
-          'errors_per_task': np.asarray(errs).tolist(),
-      })
-    rows.append({'heads': h, 'per_seed': per_seed})
+  rows = [{'heads': h, 'per_seed': []} for h in spec.heads]
+  for m, _, _, soft, sub in _models_and_seeds(state_params, spec):
+    ov = np.asarray(model.ov_matrices(sub))  # [H, T, D]
+    kq = np.asarray(model.kq_matrices(sub)) / math.sqrt(task.token_dim)
+    mu = ov[:, :, d:]  # [H, T, T]
+    diag = np.diagonal(mu, axis1=-2, axis2=-1)  # [H, T]
+    serves = np.abs(diag) >= serve_fraction * np.max(np.abs(mu))
+    pred = _predict(soft, batch.context, batch.query, spec.heads)[:, m]  # [B, T]
+    errs = jnp.mean((pred - batch.yq) ** 2, axis=0)
+    rows[m]['per_seed'].append({
+        'mu': mu.tolist(),
+        'kq_x_diag': np.diagonal(kq[:, :d, :d], axis1=-2, axis2=-1).tolist(),
+        'serves_tasks': [np.nonzero(r)[0].tolist() for r in serves],
+        'num_heads_serving_both': int(np.sum(np.all(serves, -1))),
+        'errors_per_task': np.asarray(errs).tolist(),
+    })
   return {'windows': [list(w) for w in task.windows], 'ridge_per_task': ridge_err,
           'n_test': n_test, 'models': rows, 'num_tasks': t}

@@ -207,6 +207,7 @@ def multitask_plot(result: dict[str, Any], path: str) -> str:
         continue
       a1.bar(np.arange(1, kd.shape[1] + 1), kd[c])
       a1.set_ylim(-vk * 1.1, vk * 1.1)
+      a1.set_xticks(np.arange(1, kd.shape[1] + 1))
       a1.set_title(f'H={row["heads"]} head {c + 1}: KQ x-diag', fontsize=7)
       _heatmap(a2, mu[c], f'OV y-block, serves {ps["serves_tasks"][c]}', vm)
   fig.suptitle(f'multi-task windows {result["windows"]}', fontsize=9)
