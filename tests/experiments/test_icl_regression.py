@@ -23,6 +23,27 @@ def _run_main(argv):
     icl_regression.main(['icl_regression'])
 
 
+def test_entry_point_tiny_main_run(tmp_path):
+  """Miniature of the slow test below: main run only (findings 1-4 outputs)."""
+  workdir = str(tmp_path / 'w')
+  _run_main([f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
+             '--eval_lengths=10,40,60', '--noniso=false', '--multitask=false',
+             '--seeds=0'])
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['figures'] == [
+      'fig1_kq_heatmaps.png', 'fig1_2_trajectories.png', 'fig2_ov_vectors.png',
+      'fig3_pairing_dummy.png', 'fig4_error_vs_length.png']
+  for name in summary['figures']:
+    assert os.path.getsize(os.path.join(workdir, name)) > 5000, name
+  assert summary['timing']['runs']['main']['steps_run'] == 60
+  assert set(summary['error_vs_length']['mean']) == {
+      'softmax_H1', 'softmax_H2', 'reduced_H1', 'reduced_H2', 'linear_H1', 'gd',
+      'debiased_gd', 'single_head_best', 'ridge'}
+  assert 'noniso' not in summary and 'multitask' not in summary
+
+
+@pytest.mark.slow
 def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
   workdir = str(tmp_path / 'w')
   argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=128',
