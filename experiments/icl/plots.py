@@ -175,7 +175,7 @@ def noniso_plot(result: dict[str, Any], path: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
   _heatmap(axes[0], gamma / np.max(np.abs(gamma)),
            f'learned Gamma (H={row["heads"]}), normalized\n'
-           f'cos(Gamma, Sigma^-1)={ps["cos_gamma_sigma_inv"]:.3f}, '
+           f'cos(Gamma, Sigma^-1)={ps["cos_gamma_sigma_inv"]:.3f}\n'
            f'cos(Gamma, I)={ps["cos_gamma_identity"]:.3f}')
   _heatmap(axes[1], sinv / np.max(np.abs(sinv)),
            f'Sigma^-1 (rho={result["rho"]}), normalized')
