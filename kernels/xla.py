@@ -40,8 +40,9 @@ from attention.masks import block as masks_block
 EMPTY, PARTIAL, FULL = masks_base.EMPTY, masks_base.PARTIAL, masks_base.FULL
 
 _PRECISION = jax.lax.Precision.HIGHEST
-# Target number of logits per step (lanes * batch * heads * block_q * block_kv).
-_STEP_ELEMENTS = 1 << 21
+# Lanes are added while a step holds fewer logits than this (lanes * batch * heads *
+# block_q * block_kv); larger tiles run fastest one per step on XLA:CPU.
+_STEP_ELEMENTS = 1 << 16
 _MAX_LANES = 8
 
 
@@ -188,6 +189,7 @@ def _arrange(heads: list[int], group: int, num_kv: int):
 
 
 def _lanes_for(rows: int, tile_elements: int) -> int:
+  """Default lanes: 1 unless a tile is tiny (batching then amortises loop steps)."""
   return int(max(1, min(_MAX_LANES, rows, _STEP_ELEMENTS // max(tile_elements, 1))))
 
 
@@ -233,21 +235,22 @@ def _round_up(x: int, m: int) -> int:
 
 
 def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
-  """Automatic (block_q, block_kv): 256 x 512 tiles, shrunk for short sequences.
+  """Automatic (block_q, block_kv): 256 x 256 tiles, shrunk for short sequences.
 
-  256 x 512 was the fastest tile on a 2-core AVX-512 CPU for head_dim 64 (see
-  experiments/benchmarks/xla_attention.py); blocks never exceed the (8-aligned) lengths.
+  256 x 256 was the fastest tile (forward and backward) among 128..512 on a 2-core
+  AVX-512 CPU for head_dim 64, batch * heads = 8 (see
+  experiments/benchmarks/xla_attention.py); blocks never exceed the 8-aligned lengths.
   """
-  return (min(256, _round_up(q_len, 8)), min(512, _round_up(kv_len, 8)))
+  return (min(256, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8)))
 
 
 def block_sizes_for(q_len: int, kv_len: int,
                     mask_obj: masks_base.Mask | None) -> tuple[int, int]:
   """Automatic block sizes for a mask: the cheaper of two tilings by visited area.
 
-  Sparse masks (e.g. sliding windows) waste most of a 256 x 512 tile, so 128 x 128
-  tiles are used when they visit at most 60% of the area 256 x 512 tiles would (the
-  smaller tiles run about 1.6x slower per element on CPU).
+  Sparse masks (e.g. sliding windows) waste much of a 256 x 256 tile, so 128 x 128
+  tiles are used when they visit at most 60% of the area 256 x 256 tiles would (the
+  smaller tiles run about 1.3-1.6x slower per element on CPU).
   """
   big = default_block_sizes(q_len, kv_len)
   if mask_obj is None:
@@ -283,6 +286,18 @@ class _Needs:
   """Which gradients the caller needs (from custom_vjp symbolic zeros)."""
   bias: bool
   sinks: bool
+
+
+def _bdot(spec: str, x: jax.Array, y: jax.Array, precision=None) -> jax.Array:
+  """An einsum whose three leading batch dims ('cbk') are flattened into one.
+
+  XLA:CPU runs a dot with a single batch dimension several times faster than the
+  same dot with three.
+  """
+  lead = x.shape[:3]
+  out = jnp.einsum(spec.replace('cbk', 'x'), x.reshape((-1,) + x.shape[3:]),
+                   y.reshape((-1,) + y.shape[3:]), precision=precision)
+  return out.reshape(lead + out.shape[1:])
 
 
 def _pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
@@ -379,7 +394,7 @@ class _Tiles:
     qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, bk, H].
     """
     c = qt.shape[0]
-    z = jnp.einsum('cbkmh,cbkjh->cbkmj', qt, kt,
+    z = _bdot('cbkmh,cbkjh->cbkmj', qt, kt,
                    precision=_PRECISION)  # [C, B, Ku, gu * bq, bk]
     z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.bk)
     cap = self.cfg.soft_cap
@@ -549,7 +564,7 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
         corr = jnp.exp(m - m_safe)
         l = corr * l + p.sum(-1)
         vt = tiles.kv(tiles.v_blocks, cols)  # [C, B, Ku, bk, Hv]
-        pv = jnp.einsum('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
+        pv = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
                                                         p.shape[-1:]), vt,
                         precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv]
         o = o * corr.reshape(corr.shape[:3] + (-1, 1)) + pv
@@ -567,7 +582,7 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
     nq = plan.num_q_blocks
     outs.append(o.reshape(nq, b, ku * gu, bq, hv))
     lses.append(lse.reshape(nq, b, ku * gu, bq))
-  out = _unblocks(_ungroup_heads(outs, plan, 2), t)  # [B, T, N, Hv]
+  out = _unblocks(_ungroup_heads(outs, plan, 2), t).astype(q.dtype)  # [B, T, N, Hv]
   lse = _ungroup_heads(lses, plan, 2)  # [nq, B, N, bq]
   lse = lse.transpose(1, 2, 0, 3).reshape(b, n, -1)[:, :, :t]  # [B, N, T]
   lse_dtype = jnp.float64 if cdt == jnp.float64 else jnp.float32
@@ -626,9 +641,9 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
         s, tanh = tiles.scores(qt, kt, rows, cols_fixed, bitmap_ids, valid)
         p = jnp.exp(s - lseg[rows][..., None])  # [C, B, Ku, gu, bq, bk]
         flat = p.shape[:3] + (-1, p.shape[-1])
-        dv_acc = dv_acc + jnp.einsum('cbkmj,cbkmv->cbkjv', p.reshape(flat), dot,
+        dv_acc = dv_acc + _bdot('cbkmj,cbkmv->cbkjv', p.reshape(flat), dot,
                                      precision=_PRECISION)  # [C, B, Ku, bk, Hv]
-        dp = jnp.einsum('cbkmv,cbkjv->cbkmj', dot, vt,
+        dp = _bdot('cbkmv,cbkjv->cbkmj', dot, vt,
                         precision=_PRECISION).reshape(p.shape)
         ds = p * (dp - deltag[rows][..., None])  # d logits (after soft-cap, + bias)
         if with_bias:
@@ -636,9 +651,9 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
                              cols_fixed, bq, bk)
         dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
         dz = dz.reshape(flat)  # [C, B, Ku, gu * bq, bk]
-        dk_acc = dk_acc + jnp.einsum('cbkmj,cbkmh->cbkjh', dz, qt,
+        dk_acc = dk_acc + _bdot('cbkmj,cbkmh->cbkjh', dz, qt,
                                      precision=_PRECISION)  # [C, B, Ku, bk, H]
-        dq_t = jnp.einsum('cbkmj,cbkjh->cbkmh', dz, kt,
+        dq_t = _bdot('cbkmj,cbkjh->cbkmh', dz, kt,
                           precision=_PRECISION)  # [C, B, Ku, gu * bq, H]
         for c in range(dq_t.shape[0]):
           cur = jax.lax.dynamic_index_in_dim(dq, rows[c], 0, keepdims=False)
