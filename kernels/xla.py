@@ -15,9 +15,10 @@ O(T + S) (plus whatever bias or dense mask the caller passes in full).
 
 Static structure: the BlockMask, the work lists and the lane grouping are NumPy arrays
 built at trace time from the static mask object (cached), so a jitted caller compiles
-once per (shapes, mask). Several query blocks ("lanes") with similar work are processed
-side by side so that every step is a large batched matmul; lanes that run out of work
-are masked.
+once per (shapes, mask). Query blocks are visited in order of their work; optionally
+several of them ("lanes", grouped by similar work, padding steps masked) share each
+step. On XLA:CPU one 256 x 256 tile per step was fastest (a 2-core machine), so lanes
+are only used by default when tiles are tiny.
 
 Einsum letters: c lane, b batch, k kv head, g query heads per kv head, m rows of a lane
 (g * block_q), q / j query / key position within a tile, h head dim, v value head dim.
@@ -241,7 +242,26 @@ def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
   AVX-512 CPU for head_dim 64, batch * heads = 8 (see
   experiments/benchmarks/xla_attention.py); blocks never exceed the 8-aligned lengths.
   """
+  _check_length('q_len', q_len)
+  _check_length('kv_len', kv_len)
   return (min(256, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8)))
+
+
+def _check_length(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a positive int, got {type(value).__name__}.')
+  if value <= 0:
+    raise ValueError(f'{name} must be a positive int, got {value}.')
+
+
+def _check_mask_obj(mask_obj: Any, q_len: int, kv_len: int) -> None:
+  if mask_obj is None:
+    return
+  if not isinstance(mask_obj, masks_base.Mask):
+    raise TypeError(f'mask_obj must be a Mask or None, got {type(mask_obj).__name__}.')
+  if tuple(mask_obj.shape) != (q_len, kv_len):
+    raise ValueError(f'mask_obj must have shape (T, S) = {(q_len, kv_len)}, got '
+                     f'{tuple(mask_obj.shape)}.')
 
 
 def block_sizes_for(q_len: int, kv_len: int,
@@ -253,6 +273,7 @@ def block_sizes_for(q_len: int, kv_len: int,
   smaller tiles run about 1.3-1.6x slower per element on CPU).
   """
   big = default_block_sizes(q_len, kv_len)
+  _check_mask_obj(mask_obj, q_len, kv_len)
   if mask_obj is None:
     return big
   small = (min(128, big[0]), min(128, big[1]))
@@ -618,7 +639,6 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
                    mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b)
     lists = grp.bwd
     ku, gu = tiles.ku, tiles.gu
-    lanes = lists.order.shape[1]
     qg = _group_q(q_blocks, grp)  # [nq + 1, B, Ku, gu * bq, H]
     dog = _group_q(do_blocks, grp)  # [nq + 1, B, Ku, gu * bq, Hv]
     lseg = _group_rows(lse_blocks, grp)  # [nq + 1, B, Ku, gu, bq]
@@ -631,7 +651,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
     dq0 = jnp.zeros(qg.shape, cdt)
 
     def group_step(carry, x, tiles=tiles, lists=lists, qg=qg, dog=dog,
-                   lseg=lseg, deltag=deltag, with_bias=with_bias, ku=ku):
+                   lseg=lseg, deltag=deltag, with_bias=with_bias):
       dq, dbias = carry
       cols_fixed, kt, vt = x['rows'], x['k'], x['v']
 
@@ -647,7 +667,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
                         precision=_PRECISION).reshape(p.shape)
         ds = p * (dp - deltag[rows][..., None])  # d logits (after soft-cap, + bias)
         if with_bias:
-          dbias = _add_tiles(dbias, _reduce_to(ds, tiles.bias, ku), rows,
+          dbias = _add_tiles(dbias, _reduce_to(ds, tiles.bias), rows,
                              cols_fixed, bq, bk)
         dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
         dz = dz.reshape(flat)  # [C, B, Ku, gu * bq, bk]
@@ -696,12 +716,11 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
           dsinks)
 
 
-def _reduce_to(ds: jax.Array, bias: jax.Array, ku: int) -> jax.Array:
+def _reduce_to(ds: jax.Array, bias: jax.Array) -> jax.Array:
   """Sums ds [C, B, Ku, gu, bq, bk] over the broadcast dims of the bias tiles.
 
   Returns [C, B?, Nu?, bq?, bk?] matching `_Tiles.tile_slices` before the head split.
   """
-  del ku
   c = ds.shape[0]
   bb, nb, tb, sb = bias.shape
   axes = []
@@ -805,12 +824,8 @@ def _check_inputs(query, key, value, bias, mask, mask_obj, sinks, q_segment_ids,
     if mask.dtype != jnp.bool_:
       raise TypeError(f'mask must have dtype bool, got {mask.dtype}.')
     _checks.check_broadcastable('mask', mask.shape, target, '[B, N, T, S]')
+  _check_mask_obj(mask_obj, t, s)
   if mask_obj is not None:
-    if not isinstance(mask_obj, masks_base.Mask):
-      raise TypeError(f'mask_obj must be a Mask, got {type(mask_obj).__name__}.')
-    if tuple(mask_obj.shape) != (t, s):
-      raise ValueError(
-          f'mask_obj must have shape (T, S) = {(t, s)}, got {tuple(mask_obj.shape)}.')
     if mask_obj.head_dependent and mask_obj.num_heads != n:
       raise ValueError(
           f'mask_obj num_heads must equal query heads ({n}), got '
@@ -905,6 +920,12 @@ def visited_fraction(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
                      num_heads: int = 1, block_q: int | None = None,
                      block_kv: int | None = None) -> float:
   """Fraction of the padded T x S tile area the forward pass computes."""
+  _check_length('q_len', q_len)
+  _check_length('kv_len', kv_len)
+  _check_mask_obj(mask_obj, q_len, kv_len)
+  _check_length('num_heads', num_heads)
+  block_q = _check_block_arg('block_q', block_q)
+  block_kv = _check_block_arg('block_kv', block_kv)
   if block_q is None or block_kv is None:
     block_q, block_kv = block_sizes_for(q_len, kv_len, mask_obj)
   structure = mask_obj if mask_obj is not None else _AllVisible((q_len, kv_len))

@@ -81,7 +81,10 @@ def _mask_cases():
   rng = np.random.default_rng(7)
   t = s = _T
   head_dep = rng.random((4, t, s)) < 0.4
-  head_dep[1] = np.tril(np.ones((t, s), bool))  # heads whose masks differ
+  # Heads {0, 2, 3} share a structure (an irregular GQA group: kv head 0 serves one
+  # of them, kv head 1 two) and head 1 differs.
+  head_dep[2] = head_dep[3] = head_dep[0]
+  head_dep[1] = np.tril(np.ones((t, s), bool))
   chunk = (np.arange(t)[:, None] // 16) == (np.arange(s)[None, :] // 16)
   return {
       'none': None,
@@ -108,7 +111,7 @@ def test_masks_match_oracles(name):
                            impl_kwargs=dict(block_q=16, block_kv=8))
 
 
-@hypothesis.settings(max_examples=8)
+@hypothesis.settings(max_examples=6)
 @hypothesis.given(
     b=st.integers(1, 2), t=st.integers(1, 40), s=st.integers(1, 40),
     kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
@@ -166,7 +169,7 @@ _GRAD_CASES = {
         soft_cap=2.0, block=(16, 8), lanes=None, head_dependent=False,
         segments=False),
     'head_dependent_segments_cross': dict(
-        kv_heads=2, n=4, t=24, s=33, bias_shape=(2, 1, 1, 33), causal=False,
+        kv_heads=2, n=4, t=24, s=33, bias_shape=(2, 4, 1, 33), causal=False,
         soft_cap=None, block=(8, 16), lanes=2, head_dependent=True,
         segments=True),
     'mqa_window_row_bias': dict(
@@ -188,8 +191,9 @@ def test_gradients_match_reference(name):
     kwargs = dict(scale=0.4, logits_soft_cap=c['soft_cap'])
     if c['head_dependent']:
       masks = rng.random((n, t, s)) < 0.5
-      masks[0] = False  # one head sees nothing at all
-      masks[2] = np.tril(np.ones((t, s), bool))
+      masks[0, 3:6] = False  # rows that see nothing
+      masks[2] = masks[3] = masks[0]  # irregular GQA group {0, 2, 3}
+      masks[1] = np.tril(np.ones((t, s), bool))
       kwargs['mask_obj'] = base.from_array(masks)
     elif c['causal']:
       kwargs['mask_obj'] = (_window(t, s, 12) if name.startswith('mqa')
@@ -397,3 +401,25 @@ def test_bad_shapes_raise():
     xla.attention(q, jnp.zeros((1, 8, 3, 5)), jnp.zeros((1, 8, 3, 4)), scale=1.0)
   with pytest.raises(TypeError, match='query'):
     xla.attention(jnp.zeros((1, 8, 3, 4), jnp.int32), q, q, scale=1.0)
+
+
+@pytest.mark.parametrize('call, error, match', [
+    (lambda: xla.default_block_sizes(0, 8), ValueError, 'q_len'),
+    (lambda: xla.default_block_sizes(8, 2.0), TypeError, 'kv_len'),
+    (lambda: xla.block_sizes_for(8, 8, base.causal(9)), ValueError, 'mask_obj'),
+    (lambda: xla.block_sizes_for(8, 8, 'causal'), TypeError, 'mask_obj'),
+    (lambda: xla.visited_fraction(8, 8, None, num_heads=0), ValueError,
+     'num_heads'),
+    (lambda: xla.visited_fraction(8, 8, None, block_q=-8, block_kv=8), ValueError,
+     'block_q'),
+])
+def test_helpers_validate_inputs(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_visited_fraction_matches_block_count():
+  # 4 x 4 tiles of 8 over a causal 32 x 32 mask: 10 of 16 tiles are active.
+  assert xla.visited_fraction(32, 32, base.causal(32), block_q=8,
+                              block_kv=8) == 10 / 16
+  assert xla.visited_fraction(32, 32, None, block_q=8, block_kv=8) == 1.0
