@@ -28,6 +28,7 @@ from attention.masks import base as masks_base
 # name -> module path (imported lazily, so kernels may import `attention`).
 _BUILTIN: dict[str, str] = {
     'reference': 'attention.reference',
+    'xla': 'kernels.xla',
     'pallas_tpu': 'kernels.pallas.tpu',
     'pallas_gpu': 'kernels.pallas.gpu',
 }
