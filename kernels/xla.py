@@ -910,12 +910,6 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   return out
 
 
-def unsupported(**kwargs) -> str | None:
-  """Every input the core API accepts is supported (reason string otherwise)."""
-  del kwargs
-  return None
-
-
 def visited_fraction(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
                      num_heads: int = 1, block_q: int | None = None,
                      block_kv: int | None = None) -> float:

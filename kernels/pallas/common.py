@@ -63,31 +63,6 @@ def static_mask_array(mask: Any) -> bool:
   return mask is not None and not _is_tracer(mask) and mask.shape[0] == 1
 
 
-def known_shape(*, bias=None, mask=None, mask_obj=None, sinks=None,
-                q_segment_ids=None, kv_segment_ids=None,
-                **unused) -> tuple[int, int, int] | None:
-  """(N, T, S) as far as the non-q/k/v dispatch arguments reveal it, else None.
-
-  `unsupported()` receives no query / key; N only matters for head-dependent masks
-  (it is then known from the mask), so 1 stands in when nothing gives it.
-  """
-  del unused
-  heads = [x for x in (
-      None if mask_obj is None else mask_obj.num_heads,
-      None if sinks is None else sinks.shape[0],
-      None if mask is None else mask.shape[1],
-      None if bias is None else bias.shape[1]) if x is not None and x > 1]
-  n = heads[0] if heads else 1
-  if mask_obj is not None:
-    return (n,) + tuple(mask_obj.shape)
-  if q_segment_ids is not None:
-    return n, q_segment_ids.shape[1], kv_segment_ids.shape[1]
-  for x in (bias, mask):
-    if x is not None and x.shape[2] > 1 and x.shape[3] > 1:
-      return n, x.shape[2], x.shape[3]
-  return None
-
-
 def check_interpret(interpret: Any, backend: str) -> bool:
   """`interpret` as a bool; None means: interpret unless on `backend`."""
   if interpret is None:

@@ -514,25 +514,20 @@ def _smem_reason(plan: common.Plan) -> str | None:
           "implementation='xla')")
 
 
-def unsupported(*, bias=None, mask=None, mask_obj=None, sinks=None,
-                q_segment_ids=None, kv_segment_ids=None,
-                **unused) -> str | None:
-  """Why these inputs cannot compile on this TPU (None: they can, or unknowable).
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                mask=None, mask_obj=None, **unused) -> str | None:
+  """Why these inputs cannot compile on this TPU (None: they can).
 
-  Every input combination runs in interpret mode; on a TPU backend the scalar tables
-  of the default 128 x 128 tiles must fit `SMEM_TABLE_BUDGET`. The lengths come from
-  the mask, segment ids or bias (full attention with none of them cannot be checked
-  here; `attention` then raises the same reason).
+  Every input combination runs in interpret mode; on a TPU backend the inputs must
+  not be float64 (Mosaic has none) and the scalar tables of the default 128 x 128
+  tiles must fit `SMEM_TABLE_BUDGET`.
   """
   del unused
   if jax.default_backend() != 'tpu':
     return None
-  shape = common.known_shape(bias=bias, mask=mask, mask_obj=mask_obj,
-                             sinks=sinks, q_segment_ids=q_segment_ids,
-                             kv_segment_ids=kv_segment_ids)
-  if shape is None:
-    return None
-  n, t, s = shape
+  if any(x.dtype == jnp.float64 for x in (query, key, value)):
+    return 'float64 inputs (Mosaic has no float64)'
+  n, t, s = query.shape[2], query.shape[1], key.shape[1]
   sizes = BlockSizes()
   plan = common.make_plan(common.effective_mask(mask_obj, mask, t, s, n),
                           sizes.block_q, sizes.block_kv, n)

@@ -370,12 +370,18 @@ def _kwargs(**over):
   return kw
 
 
+def _qkv(t, s=None, n=1):
+  return (jnp.zeros((1, t, n, 8), jnp.float32),
+          jnp.zeros((1, s or t, 1, 8), jnp.float32),
+          jnp.zeros((1, s or t, 1, 8), jnp.float32))
+
+
 def test_automatic_selection_prefers_pallas_on_accelerators():
   bias_kw = _kwargs(bias=jnp.zeros((1, 1, 4, 4)))
   for kw in (_kwargs(), bias_kw):
-    assert api._select(None, 'tpu', kw) is pallas_tpu.attention
-    assert api._select(None, 'gpu', kw) is pallas_gpu.attention
-  assert api._select(None, 'cpu', _kwargs()) is not pallas_tpu.attention
+    assert api._select(None, 'tpu', _qkv(4), kw) is pallas_tpu.attention
+    assert api._select(None, 'gpu', _qkv(4), kw) is pallas_gpu.attention
+  assert api._select(None, 'cpu', _qkv(4), _kwargs()) is not pallas_tpu.attention
 
 
 def test_static_and_dynamic_mask_arrays():
@@ -423,18 +429,20 @@ def test_tpu_smem_budget_steers_dispatch(monkeypatch):
   """On a TPU backend, tables over the SMEM budget: explicit use raises, None falls
   back (lengths known from the mask, segment ids or bias)."""
   kw = _kwargs(mask_obj=base.causal(1024))
-  assert pallas_tpu.unsupported(**kw) is None  # CPU backend: interpret runs all
+  qkv = _qkv(1024)
+  assert pallas_tpu.unsupported(*qkv, **kw) is None  # CPU: interpret runs all
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert pallas_tpu.unsupported(**kw) is None  # 8 x 8 tiles fit
+  assert pallas_tpu.unsupported(*qkv, **kw) is None  # 8 x 8 tiles fit
+  q64 = tuple(x.astype(jnp.float64) for x in qkv)  # the file runs under x64
+  assert 'float64' in pallas_tpu.unsupported(*q64, **kw)
   monkeypatch.setattr(pallas_tpu, 'SMEM_TABLE_BUDGET', 64)
   seg = jnp.zeros((1, 1024), jnp.int32)
   for case in (kw, _kwargs(q_segment_ids=seg, kv_segment_ids=seg),
-               _kwargs(bias=jnp.zeros((1, 1, 1024, 1024)))):
-    assert 'bytes of SMEM' in pallas_tpu.unsupported(**case)
-    assert api._select(None, 'tpu', case) is not pallas_tpu.attention
+               _kwargs(bias=jnp.zeros((1, 1, 1024, 1024))), _kwargs()):
+    assert 'bytes of SMEM' in pallas_tpu.unsupported(*qkv, **case)
+    assert api._select(None, 'tpu', qkv, case) is not pallas_tpu.attention
     with pytest.raises(ValueError, match="pallas_tpu.*bytes of SMEM"):
-      api._select('pallas_tpu', 'tpu', case)
-  assert pallas_tpu.unsupported(**_kwargs()) is None  # lengths unknowable
+      api._select('pallas_tpu', 'tpu', qkv, case)
 
 
 def test_block_size_validation():
