@@ -12,6 +12,7 @@ from attention import masks
 from experiments import benchmark
 from experiments.benchmarks import attention as attn_bench
 from experiments.benchmarks import common
+from experiments.benchmarks import sparse
 
 
 @pytest.mark.parametrize('mask', [
@@ -63,3 +64,16 @@ def test_binary_end_to_end(tmp_path, monkeypatch):
       assert r['fwd_ratio_vs_jax_nn'] == 1.0
   assert os.path.exists(os.path.join(workdir, 'attention_fwd_s.png'))
   assert '| variant |' in open(os.path.join(workdir, 'results.md')).read()
+
+
+def test_sparse_topic_predicted_vs_measured(monkeypatch):
+  monkeypatch.setitem(sparse._LENGTH, 'quick', 256)
+  monkeypatch.setattr(common, 'matmul_flops_per_s', lambda *a, **k: 1e9)
+  zoo = sparse.mask_zoo(256, 2)
+  assert {'causal', 'neighborhood_2d_w13', 's2_attention_64'} <= set(zoo)
+  rows = sparse.run('quick', '/tmp/unused', heads=2, head_dim=8,
+                    names=['causal', 'documents_4'])
+  assert [r['mask'] for r in rows] == ['causal', 'documents_4']
+  for r in rows:
+    assert r['predicted_speedup'] >= 1.0 and r['measured_speedup'] > 0
+    assert 0 < r['density'] <= r['tile_fraction'] <= 1
