@@ -26,12 +26,13 @@ from absl import flags
 from absl import logging
 
 from experiments import benchmarks
+from experiments import common_flags
 from experiments.benchmarks import common
 
 _SUITE = flags.DEFINE_enum('suite', 'quick', list(common.SUITES),
                            'Which sizes to run.')
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/attnlab_bench',
-                               'Where results are written.')
+_WORKDIR = common_flags.WORKDIR
+_DEFAULT_WORKDIR = '/tmp/attnlab_bench'
 _TOPICS = flags.DEFINE_list(
     'topics', None, 'Topics to run (default: all). Available: see --helpfull.')
 
@@ -146,7 +147,7 @@ def run(suite: str, workdir: str, topics: Sequence[str] | None = None
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  run(_SUITE.value, _WORKDIR.value, _TOPICS.value)
+  run(_SUITE.value, _WORKDIR.value or _DEFAULT_WORKDIR, _TOPICS.value)
 
 
 if __name__ == '__main__':

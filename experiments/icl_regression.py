@@ -20,9 +20,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import common_flags
 from experiments.configs import icl_regression as configs
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (required).')
+_WORKDIR = common_flags.WORKDIR  # required
 _PRESET = flags.DEFINE_enum('preset', 'quick', list(configs.PRESETS),
                             'Settings preset.')
 flags.DEFINE_integer('d', None, 'Covariate dimension d.')
