@@ -228,7 +228,7 @@ class Trainer:
     (grads, ce_sum, correct, aux_sum), _ = jax.lax.scan(
         body, (zeros, jnp.zeros(()), jnp.zeros(()), aux0),
         (jnp.arange(accum), micro))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state['opt_state'],
                                         state['params'])
     params = optax.apply_updates(state['params'], updates)

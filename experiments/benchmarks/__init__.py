@@ -1,0 +1,1 @@
+"""Benchmark libraries: each module exposes `run(suite, workdir) -> list[dict]`."""
