@@ -121,7 +121,7 @@ def param_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   def one(variable):
     meta = variable.get_metadata()
     axes = meta.get('logical_axes')
-    shape = variable[...].shape
+    shape = variable.get_value().shape
     if axes is None:
       raise ValueError(
           f'parameter of shape {shape} has no logical_axes metadata.')

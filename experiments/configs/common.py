@@ -7,6 +7,8 @@ returned locked (`lock_config=True`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -76,9 +78,13 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
   return c
 
 
-def finalize(c: ml_collections.ConfigDict,
-             preset: str) -> ml_collections.ConfigDict:
-  """Records the preset name and locks the config (no new fields)."""
+def preset_config(kind: str, presets: dict[str, Any],
+                  preset: str) -> ml_collections.ConfigDict:
+  """`base_config(kind)` modified by `presets[preset]`, named and locked."""
+  if preset not in presets:
+    raise ValueError(f'preset must be one of {sorted(presets)}, got {preset!r}.')
+  c = base_config(kind)
+  presets[preset](c)
   c.preset = preset
   c.lock()
   return c

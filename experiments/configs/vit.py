@@ -59,8 +59,4 @@ PRESETS = {
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   """The locked config of `preset` (one of `PRESETS`)."""
-  if preset not in PRESETS:
-    raise ValueError(f'preset must be one of {sorted(PRESETS)}, got {preset!r}.')
-  c = common.base_config('vit')
-  PRESETS[preset](c)
-  return common.finalize(c, preset)
+  return common.preset_config('vit', PRESETS, preset)

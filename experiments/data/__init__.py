@@ -23,6 +23,25 @@ DATASETS = OFFLINE + TFDS
 
 _TRAIN, _EVAL = 0, 1
 
+# name -> (generator(rng, batch, seq_len, **params), DataInfo from (params, seq_len)).
+# The params are the ConfigDict `config.data.<name>`, passed as keyword arguments.
+_TASKS = {
+    'mqar': (synthetic.mqar, lambda p, t: base.DataInfo(
+        kind='lm', vocab_size=synthetic.mqar_vocab_size(p.num_keys,
+                                                        p.num_values),
+        tokens_per_example=t)),
+    'selective_copy': (synthetic.selective_copy, lambda p, t: base.DataInfo(
+        kind='lm', vocab_size=synthetic.selective_copy_vocab_size(p.num_tokens),
+        tokens_per_example=t)),
+    'icl_regression': (synthetic.icl_regression, lambda p, t: base.DataInfo(
+        kind='lm', vocab_size=synthetic.icl_regression_vocab_size(p.num_bins),
+        tokens_per_example=t)),
+    'bars': (lambda rng, b, t, **p: synthetic.bars(rng, b, **p),
+             lambda p, t: base.DataInfo(
+                 kind='image', num_classes=synthetic.BARS_CLASSES,
+                 image_shape=(p.image_size, p.image_size, 1))),
+}
+
 
 def _indexed_source(info: base.DataInfo, make, *, seed: int,
                     process_index: int, num_eval_batches: int
@@ -64,35 +83,12 @@ def make_source(config: Any, *, seed: int, process_index: int = 0,
   t = config.seq_len
   common = dict(seed=seed, process_index=process_index,
                 num_eval_batches=config.num_eval_batches)
-  if config.name == 'mqar':
-    p = config.mqar
-    info = base.DataInfo(
-        kind='lm', vocab_size=synthetic.mqar_vocab_size(p.num_keys,
-                                                        p.num_values),
-        tokens_per_example=t)
-    return _indexed_source(info, lambda rng: synthetic.mqar(
-        rng, b, t, num_pairs=p.num_pairs, num_queries=p.num_queries,
-        num_keys=p.num_keys, num_values=p.num_values), **common)
-  if config.name == 'selective_copy':
-    p = config.selective_copy
-    info = base.DataInfo(
-        kind='lm', vocab_size=synthetic.selective_copy_vocab_size(p.num_tokens),
-        tokens_per_example=t)
-    return _indexed_source(info, lambda rng: synthetic.selective_copy(
-        rng, b, t, num_copy=p.num_copy, num_tokens=p.num_tokens), **common)
-  if config.name == 'icl_regression':
-    p = config.icl_regression
-    info = base.DataInfo(
-        kind='lm', vocab_size=synthetic.icl_regression_vocab_size(p.num_bins),
-        tokens_per_example=t)
-    return _indexed_source(info, lambda rng: synthetic.icl_regression(
-        rng, b, t, num_bins=p.num_bins, noise_std=p.noise_std), **common)
-  if config.name == 'bars':
-    p = config.bars
-    info = base.DataInfo(kind='image', num_classes=synthetic.BARS_CLASSES,
-                         image_shape=(p.image_size, p.image_size, 1))
-    return _indexed_source(info, lambda rng: synthetic.bars(
-        rng, b, p.image_size, noise_std=p.noise_std), **common)
+  if config.name in _TASKS:
+    generate, make_info = _TASKS[config.name]
+    params = config[config.name]
+    return _indexed_source(
+        make_info(params, t),
+        lambda rng: generate(rng, b, t, **params.to_dict()), **common)
   if config.name == 'bytes':
     p = config.bytes
     corpus = text.load_corpus(p.text_glob or text.stdlib_glob())

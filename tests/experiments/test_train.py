@@ -87,19 +87,20 @@ import json, sys
 from absl import flags, logging
 from experiments import train
 logging.use_absl_handler()
-logging.set_verbosity(logging.INFO)
 runs, mock = json.loads(sys.argv[1]), sys.argv[2] == 'mock'
 if mock:
   import tensorflow_datasets as tfds
-  tfds.testing.mock_data(num_examples=64).__enter__()
+  mock_context = tfds.testing.mock_data(num_examples=64)
+  mock_context.__enter__()  # Kept referenced: active for the whole process.
 for argv in runs:
   for name in [n for n in flags.FLAGS if n.startswith('config.')]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
   sys.argv = argv
   flags.FLAGS(argv)
+  logging.set_verbosity(logging.INFO)
   train.main(argv[:1])
-  print('RUN DONE', argv[2], flush=True)
+  print('RUN DONE', argv[2], flush=True)  # --workdir=...
 """
 
 
@@ -114,7 +115,8 @@ def _binary(config_arg, workdir, overrides, cache_dir):
 
 def _main_runs(runs, cache_dir, mock_tfds):
   """Runs `experiments.train.main` for each (config, workdir, overrides)."""
-  argvs = [['train', f'--config={c}', f'--workdir={w}'] + _flags(o)
+  argvs = [['train', f'--config={c}', f'--workdir={w}', '--logtostderr'] +
+           _flags(o)
            for c, w, o in runs]
   out = subprocess.run(
       [sys.executable, '-c', _MULTI_MAIN, json.dumps(argvs),
@@ -343,3 +345,19 @@ def test_metrics_writer_validates_and_round_trips(tmp_path):
                             'tokens_per_sec': 1234.0})
   assert line == ('step 50/100 | loss 2 | 10.00 steps/s | 1,234 tokens/s | '
                   'ETA 0:00:05')
+
+
+def test_benchmark_variants_resolve_and_suite_is_validated():
+  from experiments.benchmarks import train as bench  # pylint: disable=g-import-not-at-top
+  names = bench.variants()
+  assert names['softmax'] == {}
+  assert {'softmax+sinks', 'softmax+softcap30', 'gqa(kv=2)', 'mqa(kv=1)',
+          'softmax@reference'} <= set(names)
+  for overrides in names.values():  # Every benchmarked config is valid.
+    config = _config(lm, 'small', overrides)
+    train_lib.validate_config(config)
+  with pytest.raises(ValueError, match="suite must be one of"):
+    bench.run('huge', '')
+  rows = [{'variant': 'softmax', 'tokens_per_sec': 1000.0,
+           'relative_to_softmax': 1.0}]
+  assert 'softmax' in bench.table(rows) and '1.000' in bench.table(rows)
