@@ -268,6 +268,14 @@ class Trainer:
             'perplexity': _perplexity(loss)}
 
 
+def _tokens_per_example(config: ml_collections.ConfigDict,
+                        info: data_lib.base.DataInfo) -> int:
+  """Sequence length (LM) or number of patches (ViT): the tokens/s unit."""
+  if config.model.kind == 'vit':
+    return (info.image_shape[0] // config.model.patch_size) ** 2
+  return info.tokens_per_example
+
+
 def _perplexity(loss: float) -> float:
   return math.exp(min(loss, 80.0))
 
@@ -318,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('Training %s (%d params) on %s, mesh %s, steps %d -> %d.',
                  config.model.kind, summary['num_params'], config.data.name,
                  dict(trainer.mesh.shape), start, tc.num_steps)
-    tokens_per_step = config.data.batch_size * source.info.tokens_per_example
+    tokens_per_step = config.data.batch_size * _tokens_per_example(
+        config, source.info)
     progress = metrics_lib.Progress(start, tc.num_steps)
     eval_batches = None
     for step in range(start + 1, tc.num_steps + 1):

@@ -4,8 +4,8 @@
 per attention configuration (every registered variant, softmax with sinks / soft-cap /
 GQA / MQA, every `attention.dot_product_attention` implementation, and the mask
 specs of `MASK_SPECS` whose generators exist), compiles one training step each, then
-times the steps round-robin (repeat r of every variant before repeat r + 1 of any) so
-load changes hit all variants alike. Rows: variant, tokens/s (median over repeats) and
+times the steps round-robin (repeat r of every variant before repeat r + 1 of any,
+after one discarded warm-up round) so load changes hit all variants alike. Rows: variant, tokens/s (median over repeats) and
 the ratio to standard softmax attention measured in the same run.
 """
 
@@ -30,7 +30,7 @@ SUITES = {
     # seq_len, batch, depth, dim, steps per repeat, repeats
     'quick': dict(seq_len=64, batch=8, depth=1, dim=64, steps=2, repeats=2),
     'cpu_core': dict(seq_len=256, batch=16, depth=4, dim=128, steps=3,
-                     repeats=3),
+                     repeats=5),
     'full': dict(seq_len=256, batch=16, depth=4, dim=128, steps=10, repeats=5),
 }
 
@@ -77,15 +77,16 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
     trainers[name] = [trainer, state, batch, time.perf_counter() - t0]
   tokens_per_step = s['batch'] * s['seq_len']
   rates: dict[str, list[float]] = {name: [] for name in trainers}
-  for _ in range(s['repeats']):
+  for repeat in range(s['repeats'] + 1):  # Repeat 0 is a discarded warm-up.
     for name, entry in trainers.items():
       trainer, state, batch, _ = entry
       t0 = time.perf_counter()
       for _ in range(s['steps']):
         state, metrics = trainer.train_step(state, batch)
       jax.block_until_ready(metrics)
-      rates[name].append(s['steps'] * tokens_per_step /
-                         (time.perf_counter() - t0))
+      if repeat:
+        rates[name].append(s['steps'] * tokens_per_step /
+                           (time.perf_counter() - t0))
       entry[1] = state
   base = statistics.median(rates['softmax'])
   rows = []

@@ -11,8 +11,8 @@ are rejected. Presets and what to expect:
 
 * tiny: 2 layers, d=32, multi-query associative recall with 4 pairs over 16 keys /
   16 values, T=32, 60 steps; the smoke-test preset. Measured (1 CPU device, float32):
-  train loss 3.82 at step 5 -> 2.62 at step 60; eval_loss 2.62, eval_accuracy 0.20
-  (chance 1/16); about a minute on a busy 2-core machine, mostly compilation.
+  train loss 3.89 at step 5 -> 2.61 at step 60; eval_loss 2.59, eval_accuracy 0.17
+  (chance 1/16); under a minute on a busy 2-core machine, mostly compilation.
 * mqar: multi-query associative recall ("Zoology"), 8 pairs / 8 queries over 64 keys
   and 64 values, T=64, 2 layers, d=64, 3000 steps. Expected (not measured here: ~0.4 s
   per step on the busy 2-core CPU, i.e. ~20 min): eval_accuracy rising from chance

@@ -5,15 +5,19 @@ Run (from the repository root):
   python -m experiments.train --config=experiments/configs/vit.py:<preset> \
       --workdir=/tmp/vit_<preset>
 
-Presets and what to expect (2-core CPU, float32):
+Presets and what to expect:
 
 * tiny: 16x16 synthetic 'bars' images (4 orientations), patch 4, d=32, 60 steps
-  (smoke test; seconds). Loss falls from ln 4 = 1.39.
-* bars: the same task, d=64, 1000 steps. Expect eval_accuracy near 1.0.
-* mnist: tfds mnist, patch 4, d=64, 4 layers, 2000 steps (downloads once). Expect
-  eval_accuracy above 0.95.
+  (smoke test). Measured (1 CPU device, float32): train loss 1.57 at step 5 -> 0.82
+  at step 60; eval_accuracy 0.72 (chance 0.25); under a minute, mostly compilation.
+* bars: the same task, d=64, 1000 steps. Measured (1 CPU device): eval_accuracy
+  0.996 at step 250 and 1.0 from step 500 on (eval_loss 2.7e-5 at step 1000); about
+  2 minutes on a busy 2-core machine.
+* mnist: tfds mnist, patch 4, d=64, 4 layers, 2000 steps (downloads once). Expected
+  (not measured here): eval_accuracy above 0.95.
 * cifar10: tfds cifar10, patch 4, d=128, 6 layers, 5000 steps (downloads once).
-  Expect eval_accuracy of roughly 0.6 (a small ViT without augmentation).
+  Expected (not measured here): eval_accuracy of roughly 0.6 (a small ViT without
+  augmentation).
 Any attention variant/mask is selectable, e.g. `--config.model.attention.sinks=True`.
 """
 
