@@ -40,6 +40,7 @@ class MetricsWriter:
     self._tb_dir = os.path.join(workdir, 'tensorboard') if tensorboard else None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      _end_torn_line(self._path)
 
   def _writer(self, split: str):
     if split not in self._tb:
@@ -67,13 +68,32 @@ class MetricsWriter:
     self._tb.clear()
 
 
+def _end_torn_line(path: str) -> None:
+  """Terminates a last line left unfinished by a killed writer."""
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb+') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All rows of `<workdir>/metrics.jsonl` in file order."""
+  """All complete rows of `<workdir>/metrics.jsonl` in file order.
+
+  A line that is not valid JSON (torn by a process killed while writing it) is
+  skipped; a resumed run rewrites the steps after its checkpoint anyway.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
 
 
 class Progress:

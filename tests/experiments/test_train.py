@@ -338,6 +338,13 @@ def test_metrics_writer_validates_and_round_trips(tmp_path):
   writer.close()
   assert metrics_lib.read_metrics(str(tmp_path)) == [
       {'step': 3, 'split': 'train', 'loss': 1.5, 'lr': 2.0}]
+  # A row torn by a kill is skipped, and the next writer starts a fresh line.
+  with open(tmp_path / metrics_lib.METRICS_FILE, 'a') as f:
+    f.write('{"step": 4, "spl')
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write(4, 'train', {'loss': 1.0})
+  writer.close()
+  assert [r['step'] for r in metrics_lib.read_metrics(str(tmp_path))] == [3, 4]
   with open(tmp_path / metrics_lib.METRICS_FILE) as f:
     assert json.loads(f.readline())['loss'] == 1.5
   progress = metrics_lib.Progress(0, 100)
