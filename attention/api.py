@@ -7,8 +7,8 @@ implementation is a module exposing
     attention(query, key, value, *, scale, bias, mask, mask_obj, logits_soft_cap,
               sinks, q_segment_ids, kv_segment_ids, return_residuals)
 
-and optionally `unsupported(**same_kwargs) -> str | None` (a reason it cannot run these
-inputs, used by automatic selection and to raise clear errors). Adding one is a file
+and optionally `unsupported(query, key, value, **same_kwargs) -> str | None` (a reason
+it cannot run these inputs, used by automatic selection and to raise clear errors). Adding one is a file
 plus one `register_implementation` line (or an entry in `_BUILTIN`).
 """
 
@@ -28,6 +28,9 @@ from attention.masks import base as masks_base
 # name -> module path (imported lazily, so kernels may import `attention`).
 _BUILTIN: dict[str, str] = {
     'reference': 'attention.reference',
+    'xla': 'kernels.xla',
+    'pallas_tpu': 'kernels.pallas.tpu',
+    'pallas_gpu': 'kernels.pallas.gpu',
 }
 _REGISTRY: dict[str, Any] = dict(_BUILTIN)
 
@@ -58,8 +61,9 @@ def _load(name: str):
   return target
 
 
-def _select(implementation: str | None, backend: str,
+def _select(implementation: str | None, backend: str, arrays: tuple[Any, ...],
             kwargs: dict[str, Any]) -> Callable[..., Any]:
+  """The implementation function; `arrays` = (query, key, value)."""
   if implementation is not None:
     if implementation not in _REGISTRY:
       raise ValueError(
@@ -67,7 +71,7 @@ def _select(implementation: str | None, backend: str,
           f'got {implementation!r}.')
     module = _load(implementation)
     check = getattr(module, 'unsupported', None)
-    reason = check(**kwargs) if check is not None else None
+    reason = check(*arrays, **kwargs) if check is not None else None
     if reason:
       raise ValueError(
           f'implementation={implementation!r} does not support these inputs: '
@@ -78,7 +82,7 @@ def _select(implementation: str | None, backend: str,
       continue
     module = _load(name)
     check = getattr(module, 'unsupported', None)
-    if check is None or not check(**kwargs):
+    if check is None or not check(*arrays, **kwargs):
       return module.attention
   return _load('reference').attention
 
@@ -214,5 +218,6 @@ def dot_product_attention(
   if implementation is not None and not isinstance(implementation, str):
     raise TypeError(
         f'implementation must be a str or None, got {type(implementation).__name__}.')
-  fn = _select(implementation, jax.default_backend(), kwargs)
+  fn = _select(implementation, jax.default_backend(), (query, key, value),
+               kwargs)
   return fn(query, key, value, **kwargs)

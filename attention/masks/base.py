@@ -79,6 +79,18 @@ class Mask(abc.ABC):
     del block_q, block_kv, num_q_blocks, num_kv_blocks
     return None
 
+  def _block_structure(self, block_q: int, block_kv: int, num_q_blocks: int,
+                       num_kv_blocks: int):
+    """Optional exact block structure of a head-independent mask.
+
+    Returns None (use `_block_classes` and evaluate PARTIAL tiles) or a triple
+    (state int8 [nq, nk] exact, partial_index int32 [nq, nk] (-1 where not
+    PARTIAL), bitmaps bool [P, block_q, block_kv]) for masks that can produce their
+    partial bitmaps faster than tile-by-tile evaluation.
+    """
+    del block_q, block_kv, num_q_blocks, num_kv_blocks
+    return None
+
   # ----- public API -----
   @property
   def q_len(self) -> int:
@@ -133,9 +145,15 @@ class Mask(abc.ABC):
     """The [T, S] mask seen by query head `h` (head-independent masks: self)."""
     if not self.head_dependent:
       return self
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)):
+      raise TypeError(f'h must be an int, got {type(h).__name__}.')
     if not 0 <= h < self.num_heads:
       raise ValueError(f'h must be in [0, {self.num_heads}), got {h}.')
-    return HeadSlice(self, int(h))
+    return self._head(int(h))
+
+  def _head(self, h: int) -> 'Mask':
+    """Head `h` as a head-independent mask (override for analytic forms)."""
+    return HeadSlice(self, h)
 
   def __and__(self, other: 'Mask') -> 'Mask':
     return And(self, _check_compatible(self, other, '&'))
@@ -152,8 +170,13 @@ class Mask(abc.ABC):
         '`and`, `or`, `not`.')
 
   def _key(self) -> tuple[Any, ...]:
-    return (type(self),) + tuple(
-        _fingerprint(getattr(self, f.name)) for f in dataclasses.fields(self))
+    # Computed once per (immutable) instance: array fields are hashed by content.
+    key = self.__dict__.get('_mask_key')
+    if key is None:
+      key = (type(self),) + tuple(
+          _fingerprint(getattr(self, f.name)) for f in dataclasses.fields(self))
+      self.__dict__['_mask_key'] = key
+    return key
 
   def __hash__(self) -> int:
     return hash(self._key())
@@ -197,6 +220,9 @@ class And(Mask):
   def _predicate(self, q, k, h):
     return self.a._predicate(q, k, h) & self.b._predicate(q, k, h)
 
+  def _head(self, h: int) -> Mask:
+    return And(self.a.head(h), self.b.head(h))
+
   def _block_classes(self, *grid):
     a, b = self.a._block_classes(*grid), self.b._block_classes(*grid)
     if a is None or b is None:
@@ -223,6 +249,9 @@ class Or(Mask):
   def _predicate(self, q, k, h):
     return self.a._predicate(q, k, h) | self.b._predicate(q, k, h)
 
+  def _head(self, h: int) -> Mask:
+    return Or(self.a.head(h), self.b.head(h))
+
   def _block_classes(self, *grid):
     a, b = self.a._block_classes(*grid), self.b._block_classes(*grid)
     if a is None or b is None:
@@ -248,6 +277,9 @@ class Not(Mask):
   def _predicate(self, q, k, h):
     return ~np.asarray(self.a._predicate(q, k, h), dtype=bool)
 
+  def _head(self, h: int) -> Mask:
+    return Not(self.a.head(h))
+
   def _block_classes(self, block_q, block_kv, nq, nk):
     a = self.a._block_classes(block_q, block_kv, nq, nk)
     if a is None:
@@ -271,6 +303,10 @@ class HeadSlice(Mask):
 
   def _predicate(self, q, k, h):
     return self.mask._predicate(q, k, np.asarray(self.index))
+
+  def _block_classes(self, *grid):
+    classes = self.mask._block_classes(*grid)
+    return None if classes is None else classes[self.index]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -301,6 +337,9 @@ class Dense(Mask):
     if self.array.ndim == 3:
       return self.array[h, q, k]
     return self.array[q, k]
+
+  def _head(self, h: int) -> Mask:
+    return Dense(self.array[h])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,256 @@
+r"""Benchmark of the blocked XLA attention (kernels/xla.py) against the issue-4 targets.
+
+  python -m experiments.benchmarks.xla_attention --suite=cpu_core --workdir=/tmp/xla_bench
+
+Every speed target is a ratio measured side by side in one run, quoted next to the same
+run's 2048 x 2048 float32 matmul FLOP/s:
+- causal, B=1, T=4096, N=8, H=64, float32 forward: <= 0.5x the time of
+  `jax.nn.dot_product_attention(is_causal=True)`, and effective FLOP/s (4 * H * N *
+  visible pairs / time) >= 40% of the matmul FLOP/s;
+- sliding window 512 at T=16384: time <= 1.5x (visible-pair fraction of the window /
+  that of causal) x our causal time at the same T (rows `window_vs_causal_*`), and >= 10x
+  faster than `jax.nn.dot_product_attention` with the dense boolean mask (one head: the
+  dense [N, T, T] logits of eight heads would need 17 GB);
+- forward + backward (jax.grad of a scalar) <= 3x the forward time;
+- causal T=65536, N=8, H=64 forward + backward: peak resident memory (ru_maxrss of a
+  fresh subprocess) < 4 GiB.
+Times are the minimum over repeats (the machine is shared; the minimum is the least
+disturbed sample). The 'quick' suite runs the same rows at small sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention.masks import base as masks_base
+from kernels import xla
+
+SUITES = ('quick', 'cpu_core', 'full')
+
+
+def _check_suite(suite: str) -> str:
+  if suite not in SUITES:
+    raise ValueError(f'suite must be one of {SUITES}, got {suite!r}.')
+  return suite
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+  """Minimum wall time of `fn()` over `repeats` calls after one warm-up (compile)."""
+  jax.block_until_ready(fn())
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an n x n float32 matmul (the ceiling quoted beside every row)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  return 2.0 * n**3 / _best_time(lambda: f(a, a), repeats)
+
+
+def sliding_window(t: int, window: int) -> masks_base.Mask:
+  """Causal sliding window: q - window < k <= q (each row sees <= window keys)."""
+  return masks_base.causal(t) & ~masks_base.causal(t, offset=-window)
+
+
+def visible_pairs(t: int, window: int | None = None) -> int:
+  """Exact count of visible (q, k) pairs: causal, or a causal sliding window."""
+  rows = np.arange(t)
+  return int(np.sum(np.minimum(rows + 1, t if window is None else window)))
+
+
+def _inputs(b: int, t: int, n: int, h: int, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(key, (b, t, n, h), jnp.float32) for key in keys]
+
+
+def _ours(mask, scale, **kw):
+  return jax.jit(lambda q, k, v: xla.attention(q, k, v, scale=scale, mask_obj=mask,
+                                               **kw))
+
+
+def _grad_of(fn):
+  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+
+
+def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
+                sweep: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
+  """Causal forward vs jax.nn, fwd+bwd ratio, and a (block_q, block_kv, lanes) sweep."""
+  q, k, v = _inputs(1, t, n, h)
+  scale = h**-0.5
+  mask = masks_base.causal(t)
+  flops = 4.0 * h * n * visible_pairs(t)
+  ours = _ours(mask, scale)
+  ref = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                             is_causal=True))
+  err = float(jnp.max(jnp.abs(ours(q, k, v) - ref(q, k, v))))
+  t_ours = _best_time(lambda: ours(q, k, v), repeats)
+  t_ref = _best_time(lambda: ref(q, k, v), repeats)
+  grad = _grad_of(ours)
+  t_grad = _best_time(lambda: grad(q, k, v), max(1, repeats - 1))
+  blocks = xla.block_sizes_for(t, t, mask)
+  rows = [dict(
+      name=f'causal_fwd_T{t}_N{n}_H{h}', block_q=blocks[0], block_kv=blocks[1],
+      seconds=t_ours, jax_nn_seconds=t_ref, time_vs_jax_nn=t_ours / t_ref,
+      target_time_vs_jax_nn=0.5, effective_flops=flops / t_ours,
+      matmul_flops=mm, fraction_of_matmul=flops / t_ours / mm,
+      target_fraction_of_matmul=0.4, max_abs_err_vs_jax_nn=err,
+      meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.4)),
+          dict(name=f'causal_fwd_bwd_T{t}_N{n}_H{h}', block_q=blocks[0],
+               block_kv=blocks[1], seconds=t_grad, fwd_seconds=t_ours,
+               fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.0,
+               effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
+               meets_target=bool(t_grad / t_ours <= 3.0))]
+  for bq, bk, lanes in sweep:
+    fn = _ours(mask, scale, block_q=bq, block_kv=bk, lanes=lanes)
+    sec = _best_time(lambda fn=fn: fn(q, k, v), repeats)
+    rows.append(dict(name=f'causal_fwd_T{t}_sweep', block_q=bq, block_kv=bk,
+                     lanes=lanes, seconds=sec, vs_default=sec / t_ours,
+                     fraction_of_matmul=flops / sec / mm, matmul_flops=mm))
+  return rows
+
+
+def window_rows(t: int, window: int, n: int, h: int, mm: float,
+                repeats: int) -> list[dict[str, Any]]:
+  """Sliding window vs our causal (density-scaled) and vs jax.nn with a dense mask."""
+  scale = h**-0.5
+  win, causal = sliding_window(t, window), masks_base.causal(t)
+  q, k, v = _inputs(1, t, n, h)
+  f_win, f_causal = _ours(win, scale), _ours(causal, scale)
+  t_win = _best_time(lambda: f_win(q, k, v), repeats)
+  t_causal = _best_time(lambda: f_causal(q, k, v), max(1, repeats - 1))
+  pairs_win, pairs_causal = visible_pairs(t, window), visible_pairs(t)
+  rel = pairs_win / pairs_causal
+  density = pairs_win / (t * t)
+  blocks = xla.block_sizes_for(t, t, win)
+  rows = [dict(
+      name=f'window{window}_vs_causal_T{t}_N{n}', block_q=blocks[0],
+      block_kv=blocks[1], seconds=t_win, causal_seconds=t_causal,
+      mask_density=density, density_vs_causal=rel,
+      time_over_density_scaled_causal=t_win / (rel * t_causal),
+      target_time_over_density_scaled_causal=1.5,
+      literal_time_over_density_x_causal=t_win / (density * t_causal),
+      visited_tile_fraction=xla.visited_fraction(t, t, win),
+      effective_flops=4.0 * h * n * pairs_win / t_win, matmul_flops=mm,
+      meets_target=bool(t_win / (rel * t_causal) <= 1.5))]
+  # jax.nn with the dense mask: one head (eight would need ~17 GB of logits).
+  q1, k1, v1 = (x[:, :, :1] for x in (q, k, v))
+  dense = jnp.asarray(win.materialize())[None, None]  # [1, 1, T, T]
+  ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m))
+  f_win1 = _ours(win, scale)
+  err = float(jnp.max(jnp.abs(f_win1(q1, k1, v1) - ref(q1, k1, v1, dense))))
+  t_win1 = _best_time(lambda: f_win1(q1, k1, v1), repeats)
+  t_ref1 = _best_time(lambda: ref(q1, k1, v1, dense), 1)
+  rows.append(dict(
+      name=f'window{window}_vs_jax_nn_dense_T{t}_N1', seconds=t_win1,
+      jax_nn_seconds=t_ref1, speedup_vs_jax_nn=t_ref1 / t_win1,
+      target_speedup_vs_jax_nn=10.0, max_abs_err_vs_jax_nn=err, matmul_flops=mm,
+      meets_target=bool(t_ref1 / t_win1 >= 10.0)))
+  return rows
+
+
+_MEMORY_SCRIPT = r'''
+import json, resource, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+from attention.masks import base
+from kernels import xla
+t, n, h = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+# NumPy float32 inputs (jax.random at this size has a larger transient peak than the
+# attention itself).
+q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
+           for _ in range(3)]
+jax.block_until_ready((q, k, v))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+mask = base.causal(t)
+f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+    xla.attention(q, k, v, scale=h ** -0.5, mask_obj=mask)), argnums=(0, 1, 2)))
+start = time.perf_counter()
+g = jax.block_until_ready(f(q, k, v))
+seconds = time.perf_counter() - start
+finite = all(bool(jnp.isfinite(x).all()) for x in g)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(peak_kib=peak, inputs_kib=before, seconds=seconds,
+                      finite=finite)))
+'''
+
+
+def memory_row(t: int, n: int, h: int) -> dict[str, Any]:
+  """Peak RSS of causal fwd+bwd at length t in a fresh subprocess (ru_maxrss)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ)
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, str(t), str(n),
+                         str(h)], capture_output=True, text=True, env=env,
+                        cwd=root, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'memory subprocess failed: {proc.stderr[-2000:]}')
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  peak_gib = res['peak_kib'] / 2**20
+  return dict(name=f'causal_fwd_bwd_memory_T{t}_N{n}_H{h}',
+              peak_rss_gib=peak_gib,
+              peak_rss_before_attention_gib=res['inputs_kib'] / 2**20,
+              seconds_incl_compile=res['seconds'], grads_finite=res['finite'],
+              target_peak_rss_gib=4.0,
+              meets_target=bool(peak_gib < 4.0 and res['finite']))
+
+
+def run(suite: str, workdir: str) -> list[dict[str, Any]]:
+  """Runs the rows of `suite`; writes <workdir>/xla_attention.json; returns rows."""
+  _check_suite(suite)
+  os.makedirs(workdir, exist_ok=True)
+  mm = matmul_flops()
+  if suite == 'quick':
+    rows = causal_rows(1024, 4, 64, mm, 2, sweep=[(128, 128, 1)])
+    rows += window_rows(2048, 256, 4, 64, mm, 2)
+    rows.append(memory_row(4096, 4, 64))
+  else:
+    sweep = [(256, 512, 1), (512, 512, 1), (128, 128, 1), (256, 256, 2),
+             (128, 128, 4)]
+    if suite == 'full':
+      sweep += [(128, 256, 1), (512, 256, 1), (64, 64, 8)]
+    rows = causal_rows(4096, 8, 64, mm, 3, sweep=sweep)
+    rows += window_rows(16384, 512, 8, 64, mm, 2)
+    rows.append(memory_row(65536, 8, 64))
+  rows.append(dict(name='matmul_2048_f32_end_of_run', flops=matmul_flops(),
+                   matmul_flops_start_of_run=mm))
+  with open(os.path.join(workdir, 'xla_attention.json'), 'w') as f:
+    json.dump(rows, f, indent=1, default=float)
+  return rows
+
+
+def _main(argv: Sequence[str]) -> None:
+  """`--suite=`, `--workdir=`; `--memory_only=T` runs just the peak-RSS row at T."""
+  suite, workdir, memory_only = 'quick', '/tmp/xla_attention_bench', None
+  for arg in argv:
+    if arg.startswith('--suite='):
+      suite = arg.split('=', 1)[1]
+    elif arg.startswith('--workdir='):
+      workdir = arg.split('=', 1)[1]
+    elif arg.startswith('--memory_only='):
+      memory_only = int(arg.split('=', 1)[1])
+    else:
+      raise ValueError(f'unknown argument {arg!r} (use --suite=, --workdir=, '
+                       '--memory_only=).')
+  rows = ([memory_row(memory_only, 8, 64)] if memory_only is not None else
+          run(suite, workdir))
+  for row in rows:
+    print(json.dumps(row, default=float), flush=True)
+
+
+if __name__ == '__main__':
+  _main(sys.argv[1:])

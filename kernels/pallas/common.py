@@ -1,0 +1,393 @@
+"""Shared plumbing of the Pallas block-sparse flash-attention kernels.
+
+Both kernels (`kernels.pallas.tpu`, `kernels.pallas.gpu`) implement FlashAttention-2
+(Dao, 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning") restricted to the active tiles of a compiled `BlockMask`, the same
+block-sparse scheme as JAX's splash attention. This module owns what does not depend
+on the hardware: which mask arrays join the BlockMask and which become bias tiles,
+the static plan (the BlockMask turned into int32 scalar tables), padding and layout,
+the `custom_vjp` wiring, and the parts of the backward pass that are cheap elementwise
+XLA (delta = rowsum(o * do) - dlse, the sink gradient, the bias-gradient reduction).
+
+Layout inside the kernels: q/out/do [B, N, T_pad, H], k/v [B, K, S_pad, H]; query head
+n reads kv head n // G (G = N // K) through the index maps, so k/v are never repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention.masks import base as masks_base
+from attention.masks import block as masks_block
+
+# Finite stand-in for -inf inside the kernels (as splash attention): exp() of it is 0
+# and max() with it stays finite, so no NaN appears in fully masked rows.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FullMask(masks_base.Mask):
+  """Every query sees every key (used when only padding needs masking)."""
+  shape: tuple[int, int]
+
+  def _predicate(self, q, k, h):
+    del h
+    return np.ones(np.broadcast_shapes(np.shape(q), np.shape(k)), dtype=bool)
+
+  def _block_classes(self, block_q, block_kv, nq, nk):
+    q0, q1, k0, k1, real = masks_base.block_ranges(self.shape, block_q,
+                                                   block_kv, nq, nk)
+    empty = (q0 > q1) | (k0 > k1)
+    return np.where(real, masks_base.FULL,
+                    np.where(empty, masks_base.EMPTY,
+                             masks_base.PARTIAL)).astype(np.int8)
+
+
+def _is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def static_mask_array(mask: Any) -> bool:
+  """Whether a dense `mask` array can be compiled into the BlockMask.
+
+  It must be concrete (not traced) and batch-independent; other mask arrays are
+  applied in-kernel as an additive 0 / -inf bias tile (O(T * S) memory).
+  """
+  return mask is not None and not _is_tracer(mask) and mask.shape[0] == 1
+
+
+def check_interpret(interpret: Any, backend: str) -> bool:
+  """`interpret` as a bool; None means: interpret unless on `backend`."""
+  if interpret is None:
+    return jax.default_backend() != backend
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise TypeError(
+        f'interpret must be a bool or None, got {type(interpret).__name__}.')
+  return bool(interpret)
+
+
+def effective_mask(mask_obj: masks_base.Mask | None, mask: Any, t: int, s: int,
+                   n: int) -> masks_base.Mask:
+  """One static Mask: mask_obj AND the dense mask array if it is static."""
+  result = mask_obj
+  if static_mask_array(mask):
+    dense = np.asarray(mask, dtype=bool)[0]  # [N or 1, T or 1, S or 1]
+    if dense.shape[0] == 1:
+      dense = np.broadcast_to(dense[0], (t, s))
+    else:
+      dense = np.broadcast_to(dense, (n, t, s))
+    dense_mask = masks_base.from_array(np.ascontiguousarray(dense))
+    result = dense_mask if result is None else result & dense_mask
+  return FullMask((t, s)) if result is None else result
+
+
+def _forward_fill(part: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """Bitmap block to fetch at each step: the partial index, else the previous one.
+
+  FULL tiles and padding steps reuse the last fetched bitmap block so a pipelined
+  kernel issues no new copy for them (the block index does not change).
+  """
+  out = np.zeros_like(part)
+  last = np.zeros(part.shape[:-1], dtype=part.dtype)
+  for j in range(part.shape[-1]):
+    cur = part[..., j]
+    last = np.where((cur >= 0) & (j < counts), cur, last)  # counts: [..., rows]
+    out[..., j] = last
+  return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  """Static per-call tables derived from a BlockMask (NumPy; hashed by identity).
+
+  Tables are per unique head pattern (row `head_map[n]` serves query head n), as in
+  the BlockMask: forward / dq lists [U, nq, A], dk/dv lists [U, nk, Aq]. `*_part` is
+  the bitmap index (-1 = FULL) and `*_fetch` the bitmap block to fetch at each step
+  (see `_forward_fill`).
+  """
+  block_mask: masks_block.BlockMask
+  num_heads: int
+  head_map: np.ndarray  # int32 [N]
+  kv_indices: np.ndarray
+  kv_counts: np.ndarray
+  kv_part: np.ndarray
+  kv_fetch: np.ndarray
+  q_indices: np.ndarray
+  q_counts: np.ndarray
+  q_part: np.ndarray
+  q_fetch: np.ndarray
+  partial_masks: np.ndarray  # bool [P, bq, bk], P >= 1
+  has_partial: bool
+
+  @property
+  def block_q(self) -> int:
+    return self.block_mask.block_q
+
+  @property
+  def block_kv(self) -> int:
+    return self.block_mask.block_kv
+
+  @property
+  def padded_q_len(self) -> int:
+    return self.block_mask.padded_q_len
+
+  @property
+  def padded_kv_len(self) -> int:
+    return self.block_mask.padded_kv_len
+
+  def tables(self, which: str) -> list[np.ndarray]:
+    """[head_map, indices, counts, part, fetch] for 'kv' (fwd, dq) or 'q' (dk/dv)."""
+    return [self.head_map] + [getattr(self, f'{which}_{name}') for name in
+                              ('indices', 'counts', 'part', 'fetch')]
+
+  def table_bytes(self) -> int:
+    """Bytes of int32 scalar tables one kernel prefetches (the larger direction)."""
+    return 4 * max(sum(a.size for a in self.tables(w)) for w in ('kv', 'q'))
+
+
+@functools.lru_cache(maxsize=128)
+def make_plan(mask: masks_base.Mask, block_q: int, block_kv: int,
+              num_heads: int) -> Plan:
+  """Compiles `mask` into kernel tables for `num_heads` query heads (cached)."""
+  bm = masks_block.compile_mask(
+      mask, block_q, block_kv,
+      num_heads=num_heads if mask.head_dependent else None)
+  head_map = (bm.head_map if len(bm.head_map) == num_heads else
+              np.zeros((num_heads,), np.int32))
+
+  def tables(idx, cnt, part):
+    return [np.ascontiguousarray(x, dtype=np.int32)
+            for x in (idx, cnt, part, _forward_fill(part, cnt))]
+
+  kv = tables(bm.kv_indices, bm.kv_counts, bm.kv_partial)
+  qs = tables(bm.q_indices, bm.q_counts, bm.q_partial)
+  head_map = np.ascontiguousarray(head_map, dtype=np.int32)
+  for a in kv + qs + [head_map]:
+    a.setflags(write=False)
+  has_partial = bm.partial_masks.shape[0] > 0
+  partial = (bm.partial_masks if has_partial else
+             np.zeros((1, block_q, block_kv), dtype=bool))
+  return Plan(block_mask=bm, num_heads=num_heads, head_map=head_map,
+              kv_indices=kv[0], kv_counts=kv[1], kv_part=kv[2], kv_fetch=kv[3],
+              q_indices=qs[0], q_counts=qs[1], q_part=qs[2], q_fetch=qs[3],
+              partial_masks=partial, has_partial=has_partial)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything static about one call (a `custom_vjp` non-differentiable argument).
+
+  Hashed by value (the Plan by identity; `make_plan` is cached), so repeated calls
+  with the same mask, shapes and options reuse the compiled kernels.
+  """
+  plan: Plan
+  scale: float
+  soft_cap: float | None
+  num_kv_heads: int
+  has_sinks: bool
+  has_segments: bool
+  interpret: bool
+  bias_batch: bool | None = None  # None: no bias; else bias has a batch dim > 1
+  bias_heads: bool = False  # bias has a head dim > 1
+  extra: Any = None  # kernel-specific settings (e.g. GPU num_warps)
+
+  @property
+  def group(self) -> int:
+    return self.plan.num_heads // self.num_kv_heads
+
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_batch is not None
+
+  def bias_index(self, b, n):
+    """Batch / head block index of the bias for batch b, query head n."""
+    return (b if self.bias_batch else 0), (n if self.bias_heads else 0)
+
+
+# fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out [B,N,Tp,Hv], lse [B,N,Tp])
+ForwardFn = Callable[..., tuple[jax.Array, jax.Array]]
+# bwd(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do) -> (dq, dk, dv, dlogits),
+# dlogits [B, N, Tp, Sp] float32 (the bias gradient) or None without bias.
+BackwardFn = Callable[..., tuple[jax.Array, ...]]
+
+
+def make_flash(forward: ForwardFn, backward: BackwardFn):
+  """Wires a forward and a backward kernel into one `custom_vjp` function.
+
+  The returned f(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out, lse) works on
+  padded, head-major inputs (bias [Bb, Nb, Tp, Sp] with Bb in {1, B}, Nb in {1, N}).
+  The backward pass folds the lse cotangent into
+  delta_i = rowsum(o_i * do_i) - dlse_i (FlashAttention-2, Alg. 2), so
+  dS = P * (dP - delta) covers both, and the sink gradient is
+  dsink_h = -sum_{b,t} exp(sink_h - lse) * delta.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
+    return forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+
+  def flash_fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
+    out, lse = forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+    return (out, lse), (q, k, v, bias, sinks, q_seg, kv_seg, out, lse)
+
+  def flash_bwd(cfg, res, cts):
+    q, k, v, bias, sinks, q_seg, kv_seg, out, lse = res
+    do, dlse = cts
+    di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    di = di - dlse.astype(jnp.float32)  # [B, N, Tp]
+    # Rows that see nothing have lse = -inf; +inf makes every exp() vanish.
+    lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+    dq, dk, dv, dlogits = backward(cfg, q, k, v, bias, q_seg, kv_seg,
+                                   lse_safe, di, do.astype(q.dtype))
+    dbias = None
+    if bias is not None:  # sum the logits gradient over broadcast dims
+      axes = tuple(a for a in (0, 1) if bias.shape[a] == 1)
+      dbias = jnp.sum(dlogits, axis=axes, keepdims=True).astype(bias.dtype)
+    dsinks = None
+    if sinks is not None:
+      p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_safe)
+      dsinks = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
+    seg_ct = lambda s: None if s is None else np.zeros(s.shape, jax.dtypes.float0)
+    return dq, dk, dv, dbias, dsinks, seg_ct(q_seg), seg_ct(kv_seg)
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash
+
+
+def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
+  """Pads `axis` of `x` at the end up to `length`."""
+  extra = length - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def logits_bias(bias, mask, shape) -> jax.Array | None:
+  """The additive bias tile source [Bb, Nb, T, S], or None.
+
+  `bias` (broadcastable to [B, N, T, S]) plus, for a dense `mask` array that cannot
+  be compiled into the BlockMask (traced or per batch), 0 where visible and -inf
+  where not (exp(-inf) = 0 exactly, so this equals masking).
+  """
+  _, _, t, s = shape
+  dyn = None if mask is None or static_mask_array(mask) else mask
+  if bias is None and dyn is None:
+    return None
+  parts = [x for x in (bias, dyn) if x is not None]
+  lead = tuple(max(x.shape[a] for x in parts) for a in (0, 1))
+  target = lead + (t, s)
+  out = None
+  if bias is not None:
+    out = jnp.broadcast_to(bias, target)
+  if dyn is not None:
+    dtype = bias.dtype if bias is not None else jnp.float32
+    neg = jnp.where(jnp.broadcast_to(dyn, target), 0.0, -jnp.inf).astype(dtype)
+    out = neg if out is None else out + neg
+  return out
+
+
+def configure(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias, mask, mask_obj, logits_soft_cap, sinks,
+              q_segment_ids, block_q: int, block_kv: int, interpret: bool,
+              extra: Any = None) -> tuple[Config, jax.Array | None]:
+  """The static Config of one call and the bias tile source (see `logits_bias`)."""
+  del value
+  b, t, n, _ = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  plan = make_plan(effective_mask(mask_obj, mask, t, s, n), block_q, block_kv,
+                   n)
+  bias = logits_bias(bias, mask, (b, n, t, s))
+  cfg = Config(
+      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
+      num_kv_heads=kh, has_sinks=sinks is not None,
+      has_segments=q_segment_ids is not None, interpret=bool(interpret),
+      bias_batch=None if bias is None else bias.shape[0] > 1,
+      bias_heads=bias is not None and bias.shape[1] > 1, extra=extra)
+  return cfg, bias
+
+
+def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
+  """Splits a kernel's optional refs, in `names` order, off the front of `refs`.
+
+  Names: 'seg' (q and kv segment ids: two refs), 'bias', 'sinks', 'mask' (bitmaps).
+  Returns ({name: ref or None} with 'seg' as 'q_seg' / 'kv_seg', remaining refs).
+  """
+  present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
+             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial}
+  out = {}
+  refs = list(refs)
+  for name in names:
+    if name == 'seg':
+      out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
+                                     (None, None))
+      refs = refs[2:] if present['seg'] else refs
+    elif present[name]:
+      out[name], refs = refs[0], refs[1:]
+    else:
+      out[name] = None
+  return out, refs
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'flash', 'cfg', 'return_residuals', 'head_dim_pad', 'value_dim_pad'))
+def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
+        bias, sinks, q_segment_ids, kv_segment_ids, return_residuals: bool,
+        head_dim_pad: int | None = None, value_dim_pad: int | None = None):
+  """Pads and transposes [B, T, N, H] inputs, runs `flash`, undoes the layout.
+
+  `bias` is the output of `logits_bias` (or None).
+  """
+  t = query.shape[1]
+  hv = value.shape[-1]
+  tp, sp = cfg.plan.padded_q_len, cfg.plan.padded_kv_len
+  q = pad_axis(query, 1, tp).transpose(0, 2, 1, 3)  # [B, N, Tp, H]
+  k = pad_axis(key, 1, sp).transpose(0, 2, 1, 3)  # [B, K, Sp, H]
+  v = pad_axis(value, 1, sp).transpose(0, 2, 1, 3)  # [B, K, Sp, Hv]
+  if head_dim_pad is not None:
+    q, k = pad_axis(q, 3, head_dim_pad), pad_axis(k, 3, head_dim_pad)
+  if value_dim_pad is not None:
+    v = pad_axis(v, 3, value_dim_pad)
+  q_seg = kv_seg = None
+  if q_segment_ids is not None:
+    q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, tp)  # [B, Tp]
+    kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, sp)  # [B, Sp]
+  if bias is not None:
+    bias = pad_axis(pad_axis(bias, 2, tp), 3, sp)  # [Bb, Nb, Tp, Sp]
+  out, lse = flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+  out = out[:, :, :t, :hv].transpose(0, 2, 1, 3)  # [B, T, N, Hv]
+  if return_residuals:
+    return out, lse[:, :, :t]
+  return out
+
+
+def check_block(name: str, value: Any, *, multiple: int = 1,
+                power_of_two: bool = False) -> int:
+  """Validates a block size (positive int, a multiple of / power of two)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a positive int, got {type(value).__name__}.')
+  if value <= 0 or value % multiple:
+    raise ValueError(
+        f'{name} must be a positive multiple of {multiple}, got {value}.')
+  if power_of_two and value & (value - 1):
+    raise ValueError(f'{name} must be a power of two, got {value}.')
+  return int(value)
+
+
+def next_power_of_two(x: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+def kv_head(query_head: jax.Array, group: int) -> jax.Array:
+  """KV head of a query head in an index map (GQA: n // G, as int32 for Mosaic)."""
+  if group == 1:
+    return query_head
+  return jax.lax.div(query_head, jnp.asarray(group, query_head.dtype))

@@ -1,0 +1,586 @@
+"""Block-sparse flash attention for TPU (Pallas Mosaic), driven by a `BlockMask`.
+
+FlashAttention-2 (Dao, 2023) restricted to the active tiles of the compiled mask, with
+the structure of JAX's splash attention (`jax.experimental.pallas.ops.tpu.
+splash_attention`): the active kv-block list of every (query head, q block) is
+scalar-prefetched into SMEM and the k/v index maps read it, so the grid
+(batch, head, q block, step) visits only active tiles; steps past a row's count are
+skipped with `pl.when` and re-use the previous block index (no new DMA). FULL tiles run
+without mask work; PARTIAL tiles read their deduplicated bitmap block.
+
+Three kernels: forward (out, lse), dq (over the kv lists; with a bias it also writes
+the per-tile logits gradient) and a fused dk/dv kernel (over the transposed q lists,
+accumulating the G = N // K query heads of one kv head in VMEM scratch, so k/v and
+dk/dv are never repeated per query head). An additive bias is read tile by tile
+through the same index maps.
+
+Tiling (Mosaic): block_q and block_kv are multiples of 128 (each is the lane dimension
+of a logits tile in one of the kernels); head dims are whole blocks (any size; a
+multiple of 128 fills the MXU). Running statistics m / l are (block_q, 128) lane-
+replicated VMEM scratch; segment ids and lse are passed lane- or sublane-replicated.
+On CPU the kernels run with `interpret=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import numpy as np
+
+from attention.masks import base as masks_base
+from kernels.pallas import common
+
+NUM_LANES = 128
+NUM_SUBLANES = 8
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_KV = 128
+_NAME = "implementation='pallas_tpu'"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (multiples of 128 on TPU)."""
+  block_q: int = DEFAULT_BLOCK_Q
+  block_kv: int = DEFAULT_BLOCK_KV
+
+  def __post_init__(self):
+    common.check_block('block_q', self.block_q, multiple=NUM_LANES)
+    common.check_block('block_kv', self.block_kv, multiple=NUM_LANES)
+
+
+def _lanes(x: jax.Array, width: int) -> jax.Array:
+  """A lane-replicated [rows, 128] statistic as [rows, width]."""
+  if width % NUM_LANES == 0:
+    return jnp.tile(x, (1, width // NUM_LANES))
+  return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
+
+
+def _logits(q, k, scale, soft_cap, dims):
+  """Scaled (and soft-capped) logits in float32, plus tanh for the soft-cap grad."""
+  s = lax.dot_general(q, k, dims, preferred_element_type=jnp.float32) * scale
+  if soft_cap is None:
+    return s, None
+  t = jnp.tanh(s / soft_cap)
+  return soft_cap * t, t
+
+
+def _visible(masked: bool, mask_ref, q_ids, kv_ids):
+  """Visibility of the tile (None = all visible): bitmap AND same segment."""
+  vis = mask_ref[...] if masked else None
+  if q_ids is not None:
+    same = q_ids == kv_ids
+    vis = same if vis is None else jnp.logical_and(vis, same)
+  return vis
+
+
+# ------------------------------------------------------------------ shared pieces
+
+_NUM_TABLES = 5  # scalar-prefetched: head_map, indices, counts, part, fetch
+
+
+def _run_steps(run, part_ref, step):
+  """Active steps: FULL tiles run `step(False)` (no mask work), PARTIAL `step(True)`."""
+  if part_ref is None:
+    pl.when(run)(lambda: step(False))
+    return
+  is_partial = part_ref >= 0
+  pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
+      lambda: step(False))
+  pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+
+
+def _row_specs(cfg: common.Config, bq: int, bk: int):
+  """Specs of the optional per-tile inputs of the forward / dq kernels."""
+  def kv_block(ni, i, j, hm, idx):
+    return idx[hm[ni], i, j]
+
+  specs = []
+  if cfg.has_segments:
+    specs += [
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec((None, NUM_SUBLANES, bk),
+                     lambda bi, ni, i, j, hm, idx, *_: (
+                         bi, 0, kv_block(ni, i, j, hm, idx))),
+    ]
+  if cfg.has_bias:
+    specs.append(pl.BlockSpec(
+        (None, None, bq, bk),
+        lambda bi, ni, i, j, hm, idx, *_: (
+            *cfg.bias_index(bi, ni), i, kv_block(ni, i, j, hm, idx))))
+  return specs
+
+
+def _tables(plan: common.Plan, which: str):
+  return [jnp.asarray(a) for a in plan.tables(which)]
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
+                q_ref, k_ref, v_ref, *refs, cfg: common.Config, bq: int,
+                bk: int, steps: int):
+  del kv_idx_ref, kv_fetch_ref
+  opt, refs = common.unpack_refs(refs, cfg,
+                                 ('seg', 'bias', 'sinks', 'mask'))
+  o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  u = hm_ref[n]
+  hv = acc_ref.shape[-1]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    if opt['sinks'] is not None:
+      # The sink is one more logit with zero value: start from m = sink, l = 1.
+      m_ref[...] = jnp.full(m_ref.shape, opt['sinks'][n], jnp.float32)
+      l_ref[...] = jnp.ones_like(l_ref)
+    else:
+      m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
+      l_ref[...] = jnp.zeros_like(l_ref)
+
+  def step(masked: bool):
+    s, _ = _logits(q_ref[...], k_ref[...], cfg.scale, cfg.soft_cap, NT_DIMS)
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
+    q_ids = kv_ids = None
+    if opt['q_seg'] is not None:
+      q_ids = _lanes(opt['q_seg'][...], bk)  # [bq, bk]
+      kv_ids = opt['kv_seg'][:1, :]  # [1, bk]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
+    if vis is not None:
+      s = jnp.where(vis, s, common.MASK_VALUE)
+    m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - _lanes(m_next, bk))  # [bq, bk]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)  # rows with nothing visible yet stay at 0
+    alpha = jnp.exp(m_prev - m_next)
+    l_ref[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+    m_ref[...] = m_next
+    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN_DIMS,
+                         preferred_element_type=jnp.float32)  # [bq, Hv]
+    acc_ref[...] = _lanes(alpha, hv) * acc_ref[...] + pv
+
+  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
+  _run_steps(j < kv_cnt_ref[u, i], part, step)
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    l = l_ref[...]
+    has = l > 0.0
+    inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
+    o_ref[...] = (acc_ref[...] * _lanes(inv, hv)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l, 1.0)),
+                             -jnp.inf)
+
+
+def _segment_inputs(q_seg, kv_seg):
+  """q ids lane-replicated [B, Tp, 128], kv ids sublane-replicated [B, 8, Sp]."""
+  b, tp = q_seg.shape
+  sp = kv_seg.shape[1]
+  q_lanes = lax.broadcast_in_dim(q_seg, (b, tp, NUM_LANES), (0, 1))
+  kv_rows = lax.broadcast_in_dim(kv_seg, (b, NUM_SUBLANES, sp), (0, 2))
+  return q_lanes, kv_rows
+
+
+def _row_args(cfg, q_seg, kv_seg, bias):
+  args = []
+  if cfg.has_segments:
+    args += list(_segment_inputs(q_seg, kv_seg))
+  if cfg.has_bias:
+    args.append(bias)
+  return args
+
+
+def _kv_maps(g):
+  def q_map(bi, ni, i, j, *_):
+    return bi, ni, i, 0
+
+  def kv_map(bi, ni, i, j, hm, idx, *_):
+    return bi, common.kv_head(ni, g), idx[hm[ni], i, j], 0
+
+  def fetch_map(bi, ni, i, j, hm, idx, cnt, part, fetch):
+    return fetch[hm[ni], i, j], 0, 0
+
+  return q_map, kv_map, fetch_map
+
+
+def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  hv = v.shape[-1]
+  steps = plan.kv_indices.shape[-1]
+  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map)]
+  in_specs += _row_specs(cfg, bq, bk)
+  args = [q, k, v] + _row_args(cfg, q_seg, kv_seg, bias)
+  if cfg.has_sinks:
+    in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+    args.append(sinks.astype(jnp.float32))
+  if plan.has_partial:
+    in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
+    args.append(jnp.asarray(plan.partial_masks))
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, tp // bq, steps),
+          in_specs=in_specs,
+          out_specs=[pl.BlockSpec((None, None, bq, hv), q_map),
+                     pl.BlockSpec((None, None, bq, NUM_LANES), q_map)],
+          scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, hv), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary')),
+      out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, tp, NUM_LANES), jnp.float32)],
+      interpret=cfg.interpret,
+      name='block_sparse_flash_fwd',
+  )(*_tables(plan, 'kv'), *args)
+  return out, lse[..., 0]
+
+
+# ------------------------------------------------------------------ backward: dq
+
+
+def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
+               q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
+               cfg: common.Config, bk: int, steps: int):
+  del kv_idx_ref, kv_fetch_ref
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
+  if cfg.has_bias:
+    _, dq_ref, dbias_ref, acc_ref = refs  # refs[0]: the aliased zeros input
+  else:
+    (dq_ref, acc_ref), dbias_ref = refs, None
+  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  u = hm_ref[n]
+  count = kv_cnt_ref[u, i]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked: bool):
+    k = k_ref[...]
+    s, t = _logits(q_ref[...], k, cfg.scale, cfg.soft_cap, NT_DIMS)
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
+    q_ids = kv_ids = None
+    if opt['q_seg'] is not None:
+      q_ids = _lanes(opt['q_seg'][...], bk)
+      kv_ids = opt['kv_seg'][:1, :]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
+    p = jnp.exp(s - _lanes(lse_ref[...], bk))  # [bq, bk]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)
+    dp = lax.dot_general(do_ref[...], v_ref[...], NT_DIMS,
+                         preferred_element_type=jnp.float32)  # [bq, bk]
+    ds = p * (dp - _lanes(di_ref[...], bk))  # d logits (after the soft-cap)
+    if dbias_ref is not None:
+      dbias_ref[...] = ds
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
+                                    preferred_element_type=jnp.float32)
+
+  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
+  _run_steps(j < count, part, step)
+  if dbias_ref is not None:
+    # A q block with no active tile still visits block (i, 0) once: zero it.
+    @pl.when(count == 0)
+    def _empty_row():
+      dbias_ref[...] = jnp.zeros_like(dbias_ref)
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  sp, hv = k.shape[2], v.shape[-1]
+  steps = plan.kv_indices.shape[-1]
+  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
+  lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map),
+              pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+              pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+              pl.BlockSpec((None, None, bq, hv), q_map)]
+  in_specs += _row_specs(cfg, bq, bk)
+  args = [q, k, v, lanes(lse), lanes(di), do]
+  args += _row_args(cfg, q_seg, kv_seg, bias)
+  if plan.has_partial:
+    in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
+    args.append(jnp.asarray(plan.partial_masks))
+  out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  aliases = {}
+  if cfg.has_bias:
+    # d logits per tile; EMPTY tiles are never visited and keep the aliased zeros.
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+    aliases = {_NUM_TABLES + len(args): 1}
+    args.append(jnp.zeros((b, n, tp, sp), jnp.float32))
+    out_specs.append(pl.BlockSpec(
+        (None, None, bq, bk),
+        lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, idx[hm[ni], i, j])))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
+  kernel = functools.partial(_dq_kernel, cfg=cfg, bk=bk, steps=steps)
+  outs = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, tp // bq, steps),
+          in_specs=in_specs, out_specs=out_specs,
+          scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary')),
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      interpret=cfg.interpret,
+      name='block_sparse_flash_dq',
+  )(*_tables(plan, 'kv'), *args)
+  return outs[0], (outs[1] if cfg.has_bias else None)
+
+
+# ------------------------------------------------------------------ backward: dk, dv
+
+
+def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
+                k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
+                cfg: common.Config, bq: int, steps: int):
+  del q_idx_ref, q_fetch_ref
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
+  dk_ref, dv_ref, dk_acc, dv_acc = refs
+  kh, kb, gi, j = (pl.program_id(1), pl.program_id(2), pl.program_id(3),
+                   pl.program_id(4))
+  u = hm_ref[kh * cfg.group + gi]
+
+  @pl.when(jnp.logical_and(gi == 0, j == 0))
+  def _init():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    do = do_ref[...]
+    # Transposed tile: kv positions on sublanes, q positions on lanes.
+    s, t = _logits(k_ref[...], q, cfg.scale, cfg.soft_cap, NT_DIMS)  # [bk, bq]
+    if opt['bias'] is not None:
+      s = s + opt['bias'][...].astype(jnp.float32)
+    q_ids = kv_ids = None
+    if opt['q_seg'] is not None:
+      kv_ids = _lanes(opt['kv_seg'][...], bq)  # [bk, bq]
+      q_ids = opt['q_seg'][:1, :]  # [1, bq]
+    vis = _visible(masked, opt['mask'], q_ids, kv_ids)
+    p = jnp.exp(s - lse_ref[:1, :])  # [bk, bq]
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)
+    dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, NN_DIMS,
+                                   preferred_element_type=jnp.float32)
+    dp = lax.dot_general(v_ref[...], do, NT_DIMS,
+                         preferred_element_type=jnp.float32)  # [bk, bq]
+    ds = p * (dp - di_ref[:1, :])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
+                                   preferred_element_type=jnp.float32)
+
+  part = q_part_ref[u, kb, j] if opt['mask'] is not None else None
+  _run_steps(j < q_cnt_ref[u, kb], part, step)
+
+  @pl.when(jnp.logical_and(gi == cfg.group - 1, j == steps - 1))
+  def _finish():
+    dk_ref[...] = (dk_acc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+  plan = cfg.plan
+  bq, bk = plan.block_q, plan.block_kv
+  b, n, tp, h = q.shape
+  kh_count, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
+  g = cfg.group
+  steps = plan.q_indices.shape[-1]
+
+  def q_block(kh, kb, gi, j, hm, idx):
+    return idx[hm[kh * g + gi], kb, j]
+
+  def q_map(bi, kh, kb, gi, j, hm, idx, *_):
+    return bi, kh * g + gi, q_block(kh, kb, gi, j, hm, idx), 0
+
+  def row_map(bi, kh, kb, gi, j, hm, idx, *_):
+    return bi, kh * g + gi, 0, q_block(kh, kb, gi, j, hm, idx)
+
+  def kv_map(bi, kh, kb, gi, j, *_):
+    return bi, kh, kb, 0
+
+  rows = lambda x: lax.broadcast_in_dim(
+      x, (b, n, NUM_SUBLANES, tp), (0, 1, 3))  # [B, N, 8, Tp]
+  in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
+              pl.BlockSpec((None, None, bk, h), kv_map),
+              pl.BlockSpec((None, None, bk, hv), kv_map),
+              pl.BlockSpec((None, None, NUM_SUBLANES, bq), row_map),
+              pl.BlockSpec((None, None, NUM_SUBLANES, bq), row_map),
+              pl.BlockSpec((None, None, bq, hv), q_map)]
+  args = [q, k, v, rows(lse), rows(di), do]
+  if cfg.has_segments:
+    q_rows = lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, tp), (0, 2))
+    kv_lanes = lax.broadcast_in_dim(kv_seg, (b, sp, NUM_LANES), (0, 1))
+    in_specs += [
+        pl.BlockSpec((None, NUM_SUBLANES, bq),
+                     lambda bi, kh, kb, gi, j, hm, idx, *_: (
+                         bi, 0, q_block(kh, kb, gi, j, hm, idx))),
+        pl.BlockSpec((None, bk, NUM_LANES),
+                     lambda bi, kh, kb, gi, j, *_: (bi, kb, 0)),
+    ]
+    args += [q_rows, kv_lanes]
+  if cfg.has_bias:
+    # Bias transposed once to the [bk, bq] orientation of this kernel.
+    in_specs.append(pl.BlockSpec(
+        (None, None, bk, bq),
+        lambda bi, kh, kb, gi, j, hm, idx, *_: (
+            *cfg.bias_index(bi, kh * g + gi), kb,
+            q_block(kh, kb, gi, j, hm, idx))))
+    args.append(bias.transpose(0, 1, 3, 2))  # [Bb, Nb, Sp, Tp]
+  if plan.has_partial:
+    # Bitmaps transposed once (static) to the [bk, bq] orientation.
+    in_specs.append(pl.BlockSpec(
+        (None, bk, bq),
+        lambda bi, kh, kb, gi, j, hm, idx, cnt, part, fetch: (
+            fetch[hm[kh * g + gi], kb, j], 0, 0)))
+    args.append(jnp.asarray(
+        np.ascontiguousarray(plan.partial_masks.transpose(0, 2, 1))))
+  kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, steps=steps)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=_NUM_TABLES,
+          grid=(b, kh_count, sp // bk, g, steps), in_specs=in_specs,
+          out_specs=[pl.BlockSpec((None, None, bk, h), kv_map),
+                     pl.BlockSpec((None, None, bk, hv), kv_map)],
+          scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32),
+                          pltpu.VMEM((bk, hv), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'arbitrary', 'arbitrary')),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=cfg.interpret,
+      name='block_sparse_flash_dkv',
+  )(*_tables(plan, 'q'), *args)
+
+
+def _backward(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+  dq, dlogits = _dq(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
+  return dq, dk, dv, dlogits
+
+
+_flash = common.make_flash(_forward, _backward)
+
+
+# ------------------------------------------------------------------ public API
+
+# Scalar-prefetch tables live in SMEM (1 MiB per TensorCore on current chips); keep
+# them well inside it.
+SMEM_TABLE_BUDGET = 512 * 1024
+
+
+def _smem_reason(plan: common.Plan) -> str | None:
+  table_bytes = plan.table_bytes()
+  if table_bytes <= SMEM_TABLE_BUDGET:
+    return None
+  return (f'the block tables need {table_bytes} bytes of SMEM, more than the '
+          f'{SMEM_TABLE_BUDGET}-byte budget (use larger block_sizes or '
+          "implementation='xla')")
+
+
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                mask=None, mask_obj=None, **unused) -> str | None:
+  """Why these inputs cannot compile on this TPU (None: they can).
+
+  Every input combination runs in interpret mode; on a TPU backend the inputs must
+  not be float64 (Mosaic has none) and the scalar tables of the default 128 x 128
+  tiles must fit `SMEM_TABLE_BUDGET`.
+  """
+  del unused
+  if jax.default_backend() != 'tpu':
+    return None
+  if any(x.dtype == jnp.float64 for x in (query, key, value)):
+    return 'float64 inputs (Mosaic has no float64)'
+  n, t, s = query.shape[2], query.shape[1], key.shape[1]
+  sizes = BlockSizes()
+  plan = common.make_plan(common.effective_mask(mask_obj, mask, t, s, n),
+                          sizes.block_q, sizes.block_kv, n)
+  return _smem_reason(plan)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias: jax.Array | None = None,
+              mask: jax.Array | None = None,
+              mask_obj: masks_base.Mask | None = None,
+              logits_soft_cap: float | None = None,
+              sinks: jax.Array | None = None,
+              q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None,
+              return_residuals: bool = False,
+              block_sizes: BlockSizes | None = None,
+              interpret: bool | None = None):
+  """Block-sparse flash attention on TPU (see `attention.dot_product_attention`).
+
+  Inputs are validated by `dot_product_attention`; this is its implementation entry.
+
+  Every input combination of the dispatch contract is supported: the static mask
+  (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
+  `bias` and any other `mask` array are added to the logits tile by tile.
+
+  Args (beyond the dispatch contract):
+    block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples).
+    interpret: run the Pallas interpreter; default True unless the backend is TPU.
+
+  Returns:
+    out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
+
+  Raises:
+    ValueError: when compiling for a TPU (interpret=False), for float64 inputs
+      (Mosaic has no float64) or scalar tables larger than `SMEM_TABLE_BUDGET`.
+  """
+  if block_sizes is None:
+    block_sizes = BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
+                    f'{type(block_sizes).__name__}.')
+  interpret = common.check_interpret(interpret, 'tpu')
+  cfg, bias = common.configure(
+      query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
+      logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
+      block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
+      interpret=interpret)
+  if not interpret:
+    if any(x.dtype == jnp.float64 for x in (query, key, value)):
+      raise ValueError(f'{_NAME} does not support float64 query/key/value on '
+                       'TPU (Mosaic has no float64); got float64.')
+    reason = _smem_reason(cfg.plan)
+    if reason:
+      raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
+  return common.run(_flash, cfg, query, key, value, bias, sinks,
+                    q_segment_ids, kv_segment_ids, return_residuals)

@@ -1,0 +1,931 @@
+"""Blocked online-softmax ("flash") attention in pure JAX: the CPU fast path.
+
+The forward pass is FlashAttention's online softmax (Dao et al., "FlashAttention: Fast
+and Memory-Efficient Exact Attention with IO-Awareness", 2022; the loop order of
+FlashAttention-2, Dao 2023): for each block of queries, a running row maximum, row sum
+and output are updated block by block over keys, so no T x S array ever exists. Which
+tiles are visited comes from the compiled `BlockMask` (the block-sparse "MaskInfo" idea
+of JAX's splash attention): EMPTY tiles are skipped, FULL tiles are computed without
+mask work, and only PARTIAL tiles read a (deduplicated) bitmap.
+
+The backward pass is a `jax.custom_vjp` that recomputes the probabilities tile by tile
+from the saved log-sum-exp: an outer loop over key blocks (the transposed lists of the
+BlockMask) keeps dK / dV for those keys local, and dQ is accumulated in place. Memory is
+O(T + S) (plus whatever bias or dense mask the caller passes in full).
+
+Static structure: the BlockMask, the work lists and the lane grouping are NumPy arrays
+built at trace time from the static mask object (cached), so a jitted caller compiles
+once per (shapes, mask). Query blocks are visited in order of their work; optionally
+several of them ("lanes", grouped by similar work, padding steps masked) share each
+step. On XLA:CPU one 256 x 256 tile per step was fastest (a 2-core machine), so lanes
+are only used by default when tiles are tiny.
+
+Einsum letters: c lane, b batch, k kv head, g query heads per kv head, m rows of a lane
+(g * block_q), q / j query / key position within a tile, h head dim, v value head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention import _checks
+from attention.masks import base as masks_base
+from attention.masks import block as masks_block
+
+EMPTY, PARTIAL, FULL = masks_base.EMPTY, masks_base.PARTIAL, masks_base.FULL
+
+_PRECISION = jax.lax.Precision.HIGHEST
+# Lanes are added while a step holds fewer logits than this (lanes * batch * heads *
+# block_q * block_kv); larger tiles run fastest one per step on XLA:CPU.
+_STEP_ELEMENTS = 1 << 16
+_MAX_LANES = 8
+
+
+# ----------------------------------------------------------------------------------------
+# Static planning (NumPy, trace time).
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AllVisible(masks_base.Mask):
+  """Every position visible (used when no mask object is given)."""
+  shape: tuple[int, int]
+
+  def _predicate(self, q, k, h):
+    del h
+    return np.ones(np.broadcast_shapes(np.shape(q), np.shape(k)), dtype=bool)
+
+  def _block_classes(self, block_q, block_kv, nq, nk):
+    q0, q1, k0, k1, real = masks_base.block_ranges(self.shape, block_q, block_kv,
+                                                   nq, nk)
+    empty = (q0 > q1) | (k0 > k1)
+    return np.where(real, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Lists:
+  """Work lists of one pass for one head structure, rows grouped into lanes.
+
+  A "row" is the block the pass keeps local (q block forward, kv block backward), a
+  "column" is the block it iterates over. Group g processes rows `order[g]` side by
+  side: `full_trips[g]` steps over FULL tiles, then `part_trips[g]` over PARTIAL ones.
+
+  Attributes:
+    order: int32 [G, C] row block of each lane; padding lanes hold `num_rows`.
+    full_cols: int32 [G, Af, C] column block of each FULL step.
+    full_valid: bool [G, Af, C] whether that step is real (None: always real).
+    full_trips: int32 [G].
+    part_cols: int32 [G, Ap, C] column block of each PARTIAL step.
+    part_bitmap: int32 [G, Ap, C] bitmap index (padding steps: the all-False bitmap).
+    part_trips: int32 [G].
+  """
+  order: np.ndarray
+  full_cols: np.ndarray
+  full_valid: np.ndarray | None
+  full_trips: np.ndarray
+  part_cols: np.ndarray
+  part_bitmap: np.ndarray
+  part_trips: np.ndarray
+
+
+def _build_lists(state: np.ndarray, pidx: np.ndarray, lanes: int,
+                 empty_bitmap: int) -> _Lists:
+  """Groups rows of `state` [R, Cc] into lanes of similar work (sorted by count)."""
+  rows = state.shape[0]
+  full = [np.nonzero(state[r] == FULL)[0] for r in range(rows)]
+  part = [np.nonzero(state[r] == PARTIAL)[0] for r in range(rows)]
+  order = sorted(range(rows), key=lambda r: (len(full[r]), len(part[r]), r))
+  lanes = max(1, min(lanes, rows))
+  num_groups = -(-rows // lanes)
+  order = np.asarray(order + [rows] * (num_groups * lanes - rows),
+                     dtype=np.int32).reshape(num_groups, lanes)
+
+  def fill(lists, bitmaps):
+    trips = np.zeros((num_groups,), np.int32)
+    for g in range(num_groups):
+      trips[g] = max(len(lists[r]) if r < rows else 0 for r in order[g])
+    width = max(int(trips.max(initial=0)), 1)
+    cols = np.zeros((num_groups, width, lanes), np.int32)
+    valid = np.zeros((num_groups, width, lanes), bool)
+    bms = np.full((num_groups, width, lanes), empty_bitmap, np.int32)
+    for g in range(num_groups):
+      for c, r in enumerate(order[g]):
+        if r >= rows or not len(lists[r]):
+          continue
+        n = len(lists[r])
+        cols[g, :n, c] = lists[r]
+        cols[g, n:, c] = lists[r][-1]
+        valid[g, :n, c] = True
+        if bitmaps is not None:
+          bms[g, :n, c] = bitmaps[r]
+    return cols, valid, trips, bms
+
+  fcols, fvalid, ftrips, _ = fill(full, None)
+  needs_valid = any(
+      not fvalid[g, :ftrips[g]].all() for g in range(num_groups))
+  pcols, _, ptrips, pbms = fill(part, [pidx[r][part[r]] for r in range(rows)])
+  arrays = [order, fcols, fvalid, ftrips, pcols, pbms, ptrips]
+  for a in arrays:
+    a.setflags(write=False)
+  return _Lists(order=order, full_cols=fcols,
+                full_valid=fvalid if needs_valid else None, full_trips=ftrips,
+                part_cols=pcols, part_bitmap=pbms, part_trips=ptrips)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _HeadGroup:
+  """Query heads sharing one block structure, arranged as [Ku, gu] for GQA.
+
+  Attributes:
+    heads: int32 [Ku * gu] query heads in processing order.
+    kv_heads: int32 [Ku] kv head of each row of the arrangement.
+    group_size: gu, query heads per kv head inside this group.
+    all_kv: kv_heads == arange(K) (no per-tile head gather needed).
+    fwd, bwd: work lists of the forward (rows = q blocks) and backward (rows = kv
+      blocks) passes.
+  """
+  heads: np.ndarray
+  kv_heads: np.ndarray
+  group_size: int
+  all_kv: bool
+  fwd: _Lists
+  bwd: _Lists
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+  """Everything static about one call: blocks, bitmaps, head groups, lists."""
+  block_q: int
+  block_kv: int
+  num_q_blocks: int
+  num_kv_blocks: int
+  bitmaps: np.ndarray  # bool [P + 1, block_q, block_kv]; the last is all False.
+  groups: tuple[_HeadGroup, ...]
+  head_order: np.ndarray | None  # int32 [N]: concat(groups.heads); None if identity.
+  visited_tiles: int  # active tiles summed over unique structures (for reporting).
+
+
+def _arrange(heads: list[int], group: int, num_kv: int):
+  """GQA arrangement of `heads`: (order, kv_heads, gu, all_kv)."""
+  per_kv: dict[int, list[int]] = {}
+  for h in heads:
+    per_kv.setdefault(h // group, []).append(h)
+  sizes = {len(v) for v in per_kv.values()}
+  if len(sizes) == 1:
+    gu = sizes.pop()
+    kvs = sorted(per_kv)
+    order = [h for kk in kvs for h in per_kv[kk]]
+  else:  # Irregular: one query head per row, kv tiles gathered per head.
+    gu = 1
+    order = list(heads)
+    kvs = [h // group for h in heads]
+  all_kv = list(kvs) == list(range(num_kv))
+  return (np.asarray(order, np.int32), np.asarray(kvs, np.int32), gu, all_kv)
+
+
+def _lanes_for(rows: int, tile_elements: int) -> int:
+  """Default lanes: 1 unless a tile is tiny (batching then amortises loop steps)."""
+  return int(max(1, min(_MAX_LANES, rows, _STEP_ELEMENTS // max(tile_elements, 1))))
+
+
+@functools.lru_cache(maxsize=128)
+def _make_plan(mask_obj: masks_base.Mask, num_heads: int, num_kv_heads: int,
+               block_q: int, block_kv: int, batch_heads: int,
+               lanes: int | None) -> _Plan:
+  """Compiles the mask and builds the lane-grouped work lists (cached)."""
+  bm = masks_block.compile_mask(
+      mask_obj, block_q, block_kv,
+      num_heads=num_heads if mask_obj.head_dependent else None)
+  nq, nk = bm.num_q_blocks, bm.num_kv_blocks
+  head_map = (np.asarray(bm.head_map) if mask_obj.head_dependent else
+              np.zeros((num_heads,), np.int32))
+  num_bitmaps = bm.partial_masks.shape[0]
+  bitmaps = np.concatenate(
+      [bm.partial_masks, np.zeros((1, block_q, block_kv), bool)])
+  bitmaps.setflags(write=False)
+  group = num_heads // num_kv_heads
+  groups = []
+  for u in sorted(set(head_map.tolist())):
+    heads = [h for h in range(num_heads) if head_map[h] == u]
+    order, kvs, gu, all_kv = _arrange(heads, group, num_kv_heads)
+    tile = batch_heads * len(heads) // num_heads * block_q * block_kv
+    fwd_lanes = lanes if lanes is not None else _lanes_for(nq, tile)
+    bwd_lanes = lanes if lanes is not None else _lanes_for(nk, tile)
+    state, pidx = bm.block_state[u], bm.partial_index[u]
+    groups.append(_HeadGroup(
+        heads=order, kv_heads=kvs, group_size=gu, all_kv=all_kv,
+        fwd=_build_lists(state, pidx, fwd_lanes, num_bitmaps),
+        bwd=_build_lists(state.T, pidx.T, bwd_lanes, num_bitmaps)))
+  head_order = np.concatenate([g.heads for g in groups]).astype(np.int32)
+  if np.array_equal(head_order, np.arange(num_heads)):
+    head_order = None
+  visited = int((bm.block_state != EMPTY).sum())
+  return _Plan(block_q=block_q, block_kv=block_kv, num_q_blocks=nq,
+               num_kv_blocks=nk, bitmaps=bitmaps, groups=tuple(groups),
+               head_order=head_order, visited_tiles=visited)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
+  """Automatic (block_q, block_kv): 256 x 256 tiles, shrunk for short sequences.
+
+  256 x 256 was the fastest tile (forward and backward) among 128..512 on a 2-core
+  AVX-512 CPU for head_dim 64, batch * heads = 8 (see
+  experiments/benchmarks/xla_attention.py); blocks never exceed the 8-aligned lengths.
+  """
+  _check_length('q_len', q_len)
+  _check_length('kv_len', kv_len)
+  return (min(256, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8)))
+
+
+def _check_length(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a positive int, got {type(value).__name__}.')
+  if value <= 0:
+    raise ValueError(f'{name} must be a positive int, got {value}.')
+
+
+def _check_mask_obj(mask_obj: Any, q_len: int, kv_len: int) -> None:
+  if mask_obj is None:
+    return
+  if not isinstance(mask_obj, masks_base.Mask):
+    raise TypeError(f'mask_obj must be a Mask or None, got {type(mask_obj).__name__}.')
+  if tuple(mask_obj.shape) != (q_len, kv_len):
+    raise ValueError(f'mask_obj must have shape (T, S) = {(q_len, kv_len)}, got '
+                     f'{tuple(mask_obj.shape)}.')
+
+
+def block_sizes_for(q_len: int, kv_len: int,
+                    mask_obj: masks_base.Mask | None) -> tuple[int, int]:
+  """Automatic block sizes for a mask: the cheaper of two tilings by visited area.
+
+  Sparse masks (e.g. sliding windows) waste much of a 256 x 256 tile, so 128 x 128
+  tiles are used when they visit at most 60% of the area 256 x 256 tiles would (the
+  smaller tiles run about 1.3-1.6x slower per element on CPU).
+  """
+  big = default_block_sizes(q_len, kv_len)
+  _check_mask_obj(mask_obj, q_len, kv_len)
+  if mask_obj is None:
+    return big
+  small = (min(128, big[0]), min(128, big[1]))
+  if small == big:
+    return big
+
+  def area(bq, bk):
+    bm = masks_block.compile_mask(mask_obj, bq, bk)
+    return int((bm.block_state[bm.head_map] != EMPTY).sum()) * bq * bk
+
+  return small if area(*small) <= 0.6 * area(*big) else big
+
+
+# ----------------------------------------------------------------------------------------
+# The blocked computation.
+# ----------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static configuration of one call (hashable: plan by identity)."""
+  plan: _Plan
+  scale: float
+  soft_cap: float | None
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Needs:
+  """Which gradients the caller needs (from custom_vjp symbolic zeros)."""
+  bias: bool
+  sinks: bool
+
+
+def _bdot(spec: str, x: jax.Array, y: jax.Array, precision=None) -> jax.Array:
+  """An einsum whose three leading batch dims ('cbk') are flattened into one.
+
+  XLA:CPU runs a dot with a single batch dimension several times faster than the
+  same dot with three.
+  """
+  lead = x.shape[:3]
+  out = jnp.einsum(spec.replace('cbk', 'x'), x.reshape((-1,) + x.shape[3:]),
+                   y.reshape((-1,) + y.shape[3:]), precision=precision)
+  return out.reshape(lead + out.shape[1:])
+
+
+def _pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
+  extra = length - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: jax.Array, block: int, num: int, value=0) -> jax.Array:
+  """[B, L, heads, D] -> [num + 1, B, heads, block, D] (one extra all-`value` block)."""
+  b, _, n, d = x.shape
+  x = _pad_axis(x, 1, (num + 1) * block, value)
+  return x.reshape(b, num + 1, block, n, d).transpose(1, 0, 3, 2, 4)
+
+
+def _unblocks(x: jax.Array, length: int) -> jax.Array:
+  """[num, B, heads, block, D] -> [B, length, heads, D]."""
+  num, b, n, block, d = x.shape
+  return x.transpose(1, 0, 3, 2, 4).reshape(b, num * block, n, d)[:, :length]
+
+
+def _row_blocks(x: jax.Array, block: int, num: int, value) -> jax.Array:
+  """[B, heads, L] -> [num + 1, B, heads, block]."""
+  b, n, _ = x.shape
+  x = _pad_axis(x, 2, (num + 1) * block, value)
+  return x.reshape(b, n, num + 1, block).transpose(2, 0, 1, 3)
+
+
+def _pad_tiled(x: jax.Array | None, t_pad: int, s_pad: int, value):
+  """Pads dims 2 / 3 of a [B?, N?, T?, S?] array to the padded lengths (if not 1)."""
+  if x is None:
+    return None
+  if x.shape[2] != 1:
+    x = _pad_axis(x, 2, t_pad, value)
+  if x.shape[3] != 1:
+    x = _pad_axis(x, 3, s_pad, value)
+  return x
+
+
+class _Tiles:
+  """Per-call arrays in blocked layout and the tile-level logit computation."""
+
+  def __init__(self, cfg: _Config, grp: _HeadGroup, *, k_blocks, v_blocks, bias,
+               mask, q_seg, kv_seg, batch: int):
+    plan = cfg.plan
+    self.cfg, self.grp = cfg, grp
+    self.bq, self.bk = plan.block_q, plan.block_kv
+    self.ku = len(grp.kv_heads)
+    self.gu = grp.group_size
+    self.batch = batch
+    self.k_blocks, self.v_blocks = k_blocks, v_blocks
+    self.bitmaps = jnp.asarray(plan.bitmaps)
+    self.bias = self._heads(bias)
+    self.mask = self._heads(mask)
+    self.q_seg, self.kv_seg = q_seg, kv_seg
+
+  def _heads(self, x):
+    """Selects this group's heads of a [B?, N?, T?, S?] array."""
+    if x is None or x.shape[1] == 1:
+      return x
+    if len(self.grp.heads) == x.shape[1] and np.array_equal(
+        self.grp.heads, np.arange(x.shape[1])):
+      return x
+    return jnp.take(x, jnp.asarray(self.grp.heads), axis=1)
+
+  def kv(self, blocks, cols):
+    """[nk + 1, B, K, bk, D][cols] -> [C, B, Ku, bk, D]."""
+    x = blocks[cols]
+    if not self.grp.all_kv:
+      x = jnp.take(x, jnp.asarray(self.grp.kv_heads), axis=2)
+    return x
+
+  def tile_slices(self, x, rows, cols):
+    """Lane tiles [C, B?, Ku?, gu?, bq?, bk?] of a [B?, Nu?, Tp?, Sp?] array."""
+    tq = self.bq if x.shape[2] != 1 else 1
+    tk = self.bk if x.shape[3] != 1 else 1
+
+    def one(r, c):
+      return jax.lax.dynamic_slice(
+          x, _tile_start(r, c, self.bq if tq > 1 else 0,
+                         self.bk if tk > 1 else 0),
+          (x.shape[0], x.shape[1], tq, tk))
+
+    t = jax.vmap(one)(rows, cols)  # [C, B?, Nu?, bq?, bk?]
+    heads = (self.ku, self.gu) if x.shape[1] != 1 else (1, 1)
+    return t.reshape(t.shape[:2] + heads + t.shape[3:])
+
+  def scores(self, qt, kt, rows, cols, bitmap_ids, valid):
+    """Masked logits [C, B, Ku, gu, bq, bk] and tanh(z) (None without soft-cap).
+
+    qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, bk, H].
+    """
+    c = qt.shape[0]
+    z = _bdot('cbkmh,cbkjh->cbkmj', qt, kt,
+                   precision=_PRECISION)  # [C, B, Ku, gu * bq, bk]
+    z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.bk)
+    cap = self.cfg.soft_cap
+    tanh = None
+    if cap is not None:
+      tanh = jnp.tanh(z)
+      s = cap * tanh
+    else:
+      s = z
+    if self.bias is not None:
+      s = s + self.tile_slices(self.bias, rows, cols)
+    visible = None
+
+    def conj(a, b):
+      return b if a is None else a & b
+
+    if bitmap_ids is not None:
+      visible = self.bitmaps[bitmap_ids][:, None, None, None]  # [C, 1, 1, 1, bq, bk]
+    if valid is not None:
+      visible = conj(visible, valid[:, None, None, None, None, None])
+    if self.mask is not None:
+      visible = conj(visible, self.tile_slices(self.mask, rows, cols))
+    if self.q_seg is not None:
+      qs = self.q_seg[rows]  # [C, B, bq]
+      ks = self.kv_seg[cols]  # [C, B, bk]
+      same = qs[:, :, :, None] == ks[:, :, None, :]  # [C, B, bq, bk]
+      visible = conj(visible, same[:, :, None, None])
+    if visible is not None:
+      s = jnp.where(visible, s, -jnp.inf)
+    return s, tanh
+
+
+def _scan_steps(lists: _Lists, x, body, carry):
+  """Runs the FULL then the PARTIAL steps of one lane group."""
+
+  def full_step(a, carry):
+    valid = None if lists.full_valid is None else x['full_valid'][a]
+    return body(carry, x['full_cols'][a], None, valid)
+
+  def part_step(a, carry):
+    return body(carry, x['part_cols'][a], x['part_bitmap'][a], None)
+
+  carry = jax.lax.fori_loop(0, x['full_trips'], full_step, carry)
+  return jax.lax.fori_loop(0, x['part_trips'], part_step, carry)
+
+
+def _lists_xs(lists: _Lists) -> dict[str, jax.Array]:
+  xs = dict(rows=lists.order, full_cols=lists.full_cols,
+            full_trips=lists.full_trips, part_cols=lists.part_cols,
+            part_bitmap=lists.part_bitmap, part_trips=lists.part_trips)
+  if lists.full_valid is not None:
+    xs['full_valid'] = lists.full_valid
+  return {k: jnp.asarray(v) for k, v in xs.items()}
+
+
+def _regroup(blocks: jax.Array, order: np.ndarray) -> jax.Array:
+  """[R + 1, ...] -> [G, C, ...] in lane order (static gather)."""
+  return jnp.take(blocks, jnp.asarray(order.reshape(-1)), axis=0).reshape(
+      order.shape + blocks.shape[1:])
+
+
+def _ungroup(ys: jax.Array, order: np.ndarray, rows: int) -> jax.Array:
+  """[G, C, ...] in lane order -> [rows, ...] in row order."""
+  flat = ys.reshape((-1,) + ys.shape[2:])
+  inverse = np.argsort(order.reshape(-1), kind='stable')[:rows]
+  return jnp.take(flat, jnp.asarray(inverse), axis=0)
+
+
+def _group_q(q_blocks, grp: _HeadGroup):
+  """[nq + 1, B, N, bq, H] -> [nq + 1, B, Ku, gu * bq, H] for this group."""
+  n = q_blocks.shape[2]
+  x = q_blocks
+  if not np.array_equal(grp.heads, np.arange(n)):
+    x = jnp.take(x, jnp.asarray(grp.heads), axis=2)
+  r, b, _, bq, d = x.shape
+  return x.reshape(r, b, len(grp.kv_heads), grp.group_size * bq, d)
+
+
+def _group_kv(blocks, grp: _HeadGroup):
+  """[nk + 1, B, K, bk, D] -> [nk + 1, B, Ku, bk, D] for this group."""
+  if grp.all_kv:
+    return blocks
+  return jnp.take(blocks, jnp.asarray(grp.kv_heads), axis=2)
+
+
+def _group_rows(x, grp: _HeadGroup):
+  """[R, B, N, bq] -> [R, B, Ku, gu, bq] for this group."""
+  n = x.shape[2]
+  if not np.array_equal(grp.heads, np.arange(n)):
+    x = jnp.take(x, jnp.asarray(grp.heads), axis=2)
+  r, b, _, bq = x.shape
+  return x.reshape(r, b, len(grp.kv_heads), grp.group_size, bq)
+
+
+def _ungroup_heads(parts: list[jax.Array], plan: _Plan, axis: int) -> jax.Array:
+  """Concatenates per-group head slices and restores the query head order."""
+  x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+  if plan.head_order is None:
+    return x
+  inverse = np.argsort(plan.head_order)
+  return jnp.take(x, jnp.asarray(inverse), axis=axis)
+
+
+def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
+  """Casts, scales and blocks the inputs (shared by forward and backward)."""
+  plan = cfg.plan
+  cdt = _compute_dtype(q, k, v, bias)
+  alpha = cfg.scale / cfg.soft_cap if cfg.soft_cap is not None else cfg.scale
+  nq, nk = plan.num_q_blocks, plan.num_kv_blocks
+  bq, bk = plan.block_q, plan.block_kv
+  t_pad, s_pad = nq * bq, nk * bk
+  q_blocks = _blocks(q.astype(cdt) * jnp.asarray(alpha, cdt), bq, nq)
+  k_blocks = _blocks(k.astype(cdt), bk, nk)
+  v_blocks = _blocks(v.astype(cdt), bk, nk)
+  bias = _pad_tiled(None if bias is None else bias.astype(cdt), t_pad, s_pad, 0)
+  mask = _pad_tiled(mask, t_pad, s_pad, False)
+  if q_seg is not None:
+    q_seg = _pad_axis(q_seg, 1, (nq + 1) * bq, -1).reshape(
+        q_seg.shape[0], nq + 1, bq).transpose(1, 0, 2)  # [nq + 1, B, bq]
+    kv_seg = _pad_axis(kv_seg, 1, (nk + 1) * bk, -2).reshape(
+        kv_seg.shape[0], nk + 1, bk).transpose(1, 0, 2)  # [nk + 1, B, bk]
+  return cdt, alpha, q_blocks, k_blocks, v_blocks, bias, mask, q_seg, kv_seg
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+  dtypes = [a.dtype for a in arrays if a is not None]
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
+  """Blocked forward: out [B, T, N, Hv] (query dtype), lse [B, N, T]."""
+  plan = cfg.plan
+  b, t, n, _ = q.shape
+  hv = v.shape[-1]
+  (cdt, _, q_blocks, k_blocks, v_blocks, bias_p, mask_p, q_seg_b,
+   kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  bq = plan.block_q
+  outs, lses = [], []
+  for grp in plan.groups:
+    tiles = _Tiles(cfg, grp, k_blocks=k_blocks, v_blocks=v_blocks, bias=bias_p,
+                   mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b)
+    lists = grp.fwd
+    ku, gu = tiles.ku, tiles.gu
+    lanes = lists.order.shape[1]
+    xs = _lists_xs(lists)
+    xs['q'] = _regroup(_group_q(q_blocks, grp), lists.order)
+    row_shape = (lanes, b, ku, gu, bq)
+    if sinks is not None:
+      sink = sinks.astype(cdt)[jnp.asarray(grp.heads)].reshape(ku, gu)
+      m0 = jnp.broadcast_to(sink[None, None, :, :, None], row_shape)
+      l0 = jnp.ones(row_shape, cdt)
+    else:
+      m0 = jnp.full(row_shape, -jnp.inf, cdt)
+      l0 = jnp.zeros(row_shape, cdt)
+    o0 = jnp.zeros((lanes, b, ku, gu * bq, hv), cdt)
+
+    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists):
+      rows, qt = x['rows'], x['q']
+
+      def body(carry, cols, bitmap_ids, valid):
+        m, l, o = carry
+        s, _ = tiles.scores(qt, tiles.kv(tiles.k_blocks, cols), rows, cols,
+                            bitmap_ids, valid)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[..., None])  # [C, B, Ku, gu, bq, bk]
+        corr = jnp.exp(m - m_safe)
+        l = corr * l + p.sum(-1)
+        vt = tiles.kv(tiles.v_blocks, cols)  # [C, B, Ku, bk, Hv]
+        pv = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
+                                                        p.shape[-1:]), vt,
+                        precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv]
+        o = o * corr.reshape(corr.shape[:3] + (-1, 1)) + pv
+        return m_new, l, o
+
+      m, l, o = _scan_steps(lists, x, body, (m0, l0, o0))
+      safe = jnp.where(l > 0, l, 1.0)
+      o = o / safe.reshape(safe.shape[:3] + (-1, 1))
+      lse = jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
+      return None, (o, lse)
+
+    _, (o, lse) = jax.lax.scan(group_step, None, xs)
+    o = _ungroup(o, lists.order, plan.num_q_blocks)  # [nq, B, Ku, gu * bq, Hv]
+    lse = _ungroup(lse, lists.order, plan.num_q_blocks)  # [nq, B, Ku, gu, bq]
+    nq = plan.num_q_blocks
+    outs.append(o.reshape(nq, b, ku * gu, bq, hv))
+    lses.append(lse.reshape(nq, b, ku * gu, bq))
+  out = _unblocks(_ungroup_heads(outs, plan, 2), t).astype(q.dtype)  # [B, T, N, Hv]
+  lse = _ungroup_heads(lses, plan, 2)  # [nq, B, N, bq]
+  lse = lse.transpose(1, 2, 0, 3).reshape(b, n, -1)[:, :, :t]  # [B, N, T]
+  lse_dtype = jnp.float64 if cdt == jnp.float64 else jnp.float32
+  return out, lse.astype(lse_dtype)
+
+
+def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
+              kv_seg, out, lse, d_out, d_lse):
+  """Blocked backward: (dq, dk, dv, dbias, dsinks), recomputing tile by tile."""
+  plan = cfg.plan
+  b, t, n, h = q.shape
+  s_len, kh = k.shape[1], k.shape[2]
+  hv = v.shape[-1]
+  bq, bk = plan.block_q, plan.block_kv
+  nq, nk = plan.num_q_blocks, plan.num_kv_blocks
+  (cdt, alpha, q_blocks, k_blocks, v_blocks, bias_p, mask_p, q_seg_b,
+   kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  d_out = d_out.astype(cdt)
+  delta = jnp.einsum('btnv,btnv->bnt', d_out, out.astype(cdt),
+                     precision=_PRECISION)  # [B, N, T]
+  if d_lse is not None:
+    delta = delta - d_lse.astype(cdt)
+  lse = lse.astype(cdt)
+  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
+  do_blocks = _blocks(d_out, bq, nq)  # [nq + 1, B, N, bq, Hv]
+  lse_blocks = _row_blocks(lse_safe, bq, nq, jnp.inf)  # [nq + 1, B, N, bq]
+  delta_blocks = _row_blocks(delta, bq, nq, 0)  # [nq + 1, B, N, bq]
+  dqs, dk, dv = [], jnp.zeros((b, s_len, kh, h), cdt), jnp.zeros((b, s_len, kh, hv),
+                                                                  cdt)
+  dbias_parts = []
+  for grp in plan.groups:
+    tiles = _Tiles(cfg, grp, k_blocks=k_blocks, v_blocks=v_blocks, bias=bias_p,
+                   mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b)
+    lists = grp.bwd
+    ku, gu = tiles.ku, tiles.gu
+    qg = _group_q(q_blocks, grp)  # [nq + 1, B, Ku, gu * bq, H]
+    dog = _group_q(do_blocks, grp)  # [nq + 1, B, Ku, gu * bq, Hv]
+    lseg = _group_rows(lse_blocks, grp)  # [nq + 1, B, Ku, gu, bq]
+    deltag = _group_rows(delta_blocks, grp)
+    xs = _lists_xs(lists)
+    xs['k'] = _regroup(_group_kv(k_blocks, grp), lists.order)  # [G, C, B, Ku, bk, H]
+    xs['v'] = _regroup(_group_kv(v_blocks, grp), lists.order)
+    with_bias = bias_p is not None and needs.bias
+    dbias0 = jnp.zeros(tiles.bias.shape, cdt) if with_bias else None
+    dq0 = jnp.zeros(qg.shape, cdt)
+
+    def group_step(carry, x, tiles=tiles, lists=lists, qg=qg, dog=dog,
+                   lseg=lseg, deltag=deltag, with_bias=with_bias):
+      dq, dbias = carry
+      cols_fixed, kt, vt = x['rows'], x['k'], x['v']
+
+      def body(inner, rows, bitmap_ids, valid):
+        dk_acc, dv_acc, dq, dbias = inner
+        qt, dot = qg[rows], dog[rows]  # [C, B, Ku, gu * bq, H / Hv]
+        s, tanh = tiles.scores(qt, kt, rows, cols_fixed, bitmap_ids, valid)
+        p = jnp.exp(s - lseg[rows][..., None])  # [C, B, Ku, gu, bq, bk]
+        flat = p.shape[:3] + (-1, p.shape[-1])
+        dv_acc = dv_acc + _bdot('cbkmj,cbkmv->cbkjv', p.reshape(flat), dot,
+                                     precision=_PRECISION)  # [C, B, Ku, bk, Hv]
+        dp = _bdot('cbkmv,cbkjv->cbkmj', dot, vt,
+                        precision=_PRECISION).reshape(p.shape)
+        ds = p * (dp - deltag[rows][..., None])  # d logits (after soft-cap, + bias)
+        if with_bias:
+          dbias = _add_tiles(dbias, _reduce_to(ds, tiles.bias), rows,
+                             cols_fixed, bq, bk)
+        dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
+        dz = dz.reshape(flat)  # [C, B, Ku, gu * bq, bk]
+        dk_acc = dk_acc + _bdot('cbkmj,cbkmh->cbkjh', dz, qt,
+                                     precision=_PRECISION)  # [C, B, Ku, bk, H]
+        dq_t = _bdot('cbkmj,cbkjh->cbkmh', dz, kt,
+                          precision=_PRECISION)  # [C, B, Ku, gu * bq, H]
+        for c in range(dq_t.shape[0]):
+          cur = jax.lax.dynamic_index_in_dim(dq, rows[c], 0, keepdims=False)
+          dq = jax.lax.dynamic_update_index_in_dim(dq, cur + dq_t[c], rows[c], 0)
+        return dk_acc, dv_acc, dq, dbias
+
+      dk0 = jnp.zeros(kt.shape, cdt)
+      dv0 = jnp.zeros(vt.shape, cdt)
+      dk_acc, dv_acc, dq, dbias = _scan_steps(lists, x, body,
+                                              (dk0, dv0, dq, dbias))
+      return (dq, dbias), (dk_acc, dv_acc)
+
+    (dq_g, dbias_g), (dk_g, dv_g) = jax.lax.scan(group_step, (dq0, dbias0), xs)
+    dqs.append(dq_g[:nq].reshape(nq, b, ku * gu, bq, h))
+    dk_g = _ungroup(dk_g, lists.order, nk)  # [nk, B, Ku, bk, H]
+    dv_g = _ungroup(dv_g, lists.order, nk)
+    dk_g = _unblocks(dk_g, s_len)  # [B, S, Ku, H]
+    dv_g = _unblocks(dv_g, s_len)
+    if grp.all_kv:
+      dk, dv = dk + dk_g, dv + dv_g
+    else:
+      idx = jnp.asarray(grp.kv_heads)
+      dk = dk.at[:, :, idx].add(dk_g)
+      dv = dv.at[:, :, idx].add(dv_g)
+    if with_bias:
+      dbias_parts.append(dbias_g)
+  dq = _unblocks(_ungroup_heads(dqs, plan, 2), t) * jnp.asarray(alpha, cdt)
+  dbias = None
+  if bias is not None and needs.bias:
+    if bias.shape[1] == 1:
+      dbias = functools.reduce(jnp.add, dbias_parts)
+    else:
+      dbias = _ungroup_heads(dbias_parts, plan, 1)
+    dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+  dsinks = None
+  if sinks is not None and needs.sinks:
+    p_sink = jnp.exp(sinks.astype(cdt)[None, :, None] - lse)  # [B, N, T]
+    dsinks = jnp.sum(-p_sink * delta, axis=(0, 2)).astype(sinks.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
+          dsinks)
+
+
+def _reduce_to(ds: jax.Array, bias: jax.Array) -> jax.Array:
+  """Sums ds [C, B, Ku, gu, bq, bk] over the broadcast dims of the bias tiles.
+
+  Returns [C, B?, Nu?, bq?, bk?] matching `_Tiles.tile_slices` before the head split.
+  """
+  c = ds.shape[0]
+  bb, nb, tb, sb = bias.shape
+  axes = []
+  if bb == 1:
+    axes.append(1)
+  if nb == 1:
+    axes += [2, 3]
+  if tb == 1:
+    axes.append(4)
+  if sb == 1:
+    axes.append(5)
+  red = jnp.sum(ds, axis=tuple(axes), keepdims=True) if axes else ds
+  return red.reshape(c, bb, nb, red.shape[4], red.shape[5])
+
+
+def _tile_start(row, col, step_q: int, step_kv: int):
+  """int32 start indices (0, 0, row * step_q, col * step_kv) of a tile."""
+  zero = jnp.zeros((), jnp.int32)
+  return (zero, zero, row.astype(jnp.int32) * step_q,
+          col.astype(jnp.int32) * step_kv)
+
+
+def _add_tiles(acc: jax.Array, tiles: jax.Array, rows, cols, bq: int,
+               bk: int) -> jax.Array:
+  """acc[:, :, tile(r, c)] += tiles[lane] for every lane (read-modify-write)."""
+  tq, tk = tiles.shape[-2], tiles.shape[-1]
+  for c in range(tiles.shape[0]):
+    start = _tile_start(rows[c], cols[c], bq if tq > 1 else 0,
+                        bk if tk > 1 else 0)
+    cur = jax.lax.dynamic_slice(acc, start, tiles.shape[1:])
+    acc = jax.lax.dynamic_update_slice(acc, cur + tiles[c], start)
+  return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
+  return _forward(cfg, q, k, v, bias, sinks, mask, q_seg, kv_seg)
+
+
+def _flash_fwd(cfg, q, k, v, bias, sinks, mask, q_seg, kv_seg):
+  def unwrap(a):
+    return a if a is None else a.value
+
+  def perturbed(a):
+    return a is not None and a.perturbed
+
+  needs = _Needs(bias=perturbed(bias), sinks=perturbed(sinks))
+  args = [unwrap(a) for a in (q, k, v, bias, sinks, mask, q_seg, kv_seg)]
+  out, lse = _forward(cfg, *args)
+  return (out, lse), (needs, args, out, lse)
+
+
+def _flash_bwd(cfg, res, cts):
+  needs, args, out, lse = res
+  q, k, v, bias, sinks, mask, q_seg, kv_seg = args
+  d_out, d_lse = cts
+  zero = jax.custom_derivatives.SymbolicZero
+  if isinstance(d_lse, zero):
+    d_lse = None
+  if isinstance(d_out, zero):
+    d_out = jnp.zeros(out.shape, out.dtype)
+  dq, dk, dv, dbias, dsinks = _backward(cfg, needs, q, k, v, bias, sinks, mask,
+                                        q_seg, kv_seg, out, lse, d_out, d_lse)
+  return dq, dk, dv, dbias, dsinks, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _flash_jit(cfg, q, k, v, bias, sinks, mask, q_seg, kv_seg):
+  return _flash(cfg, q, k, v, bias, sinks, mask, q_seg, kv_seg)
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------------------
+
+
+def _check_inputs(query, key, value, bias, mask, mask_obj, sinks, q_segment_ids,
+                  kv_segment_ids, scale, logits_soft_cap) -> None:
+  for name, x in (('query', query), ('key', key), ('value', value)):
+    _checks.check_array(name, x, ndim=4, floating=True)
+  b, t, n, h = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  _checks.check_equal('key', 'shape[0, 3]', (key.shape[0], key.shape[3]), (b, h),
+                      'query (batch, head_dim)')
+  _checks.check_equal('value', 'shape[:3]', tuple(value.shape[:3]),
+                      tuple(key.shape[:3]), 'key shape[:3]')
+  if n % kh:
+    raise ValueError(
+        f'query heads ({n}) must be a multiple of key/value heads ({kh}).')
+  _checks.check_positive('scale', scale, allow_none=False)
+  _checks.check_positive('logits_soft_cap', logits_soft_cap)
+  target = (b, n, t, s)
+  if bias is not None:
+    _checks.check_array('bias', bias, floating=True)
+    _checks.check_broadcastable('bias', bias.shape, target, '[B, N, T, S]')
+  if mask is not None:
+    _checks.check_array('mask', mask)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f'mask must have dtype bool, got {mask.dtype}.')
+    _checks.check_broadcastable('mask', mask.shape, target, '[B, N, T, S]')
+  _check_mask_obj(mask_obj, t, s)
+  if mask_obj is not None:
+    if mask_obj.head_dependent and mask_obj.num_heads != n:
+      raise ValueError(
+          f'mask_obj num_heads must equal query heads ({n}), got '
+          f'{mask_obj.num_heads}.')
+  if sinks is not None:
+    _checks.check_array('sinks', sinks, ndim=1, floating=True)
+    _checks.check_equal('sinks', 'length', sinks.shape[0], n, 'query heads')
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError('q_segment_ids and kv_segment_ids must be given together, got '
+                     f'q_segment_ids={"None" if q_segment_ids is None else "array"}, '
+                     f'kv_segment_ids={"None" if kv_segment_ids is None else "array"}.')
+  for name, seg, length in (('q_segment_ids', q_segment_ids, t),
+                            ('kv_segment_ids', kv_segment_ids, s)):
+    if seg is None:
+      continue
+    _checks.check_array(name, seg, ndim=2)
+    if not jnp.issubdtype(seg.dtype, jnp.integer):
+      raise TypeError(f'{name} must have an integer dtype, got {seg.dtype}.')
+    if tuple(seg.shape) != (b, length):
+      raise ValueError(f'{name} must have shape {(b, length)}, got {tuple(seg.shape)}.')
+
+
+def _check_block_arg(name: str, value: Any) -> int | None:
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a positive int or None, got '
+                    f'{type(value).__name__}.')
+  if value <= 0:
+    raise ValueError(f'{name} must be a positive int or None, got {value}.')
+  return int(value)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              scale: float, bias: jax.Array | None = None,
+              mask: jax.Array | None = None,
+              mask_obj: masks_base.Mask | None = None,
+              logits_soft_cap: float | None = None,
+              sinks: jax.Array | None = None,
+              q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None,
+              return_residuals: bool = False,
+              block_q: int | None = None, block_kv: int | None = None,
+              lanes: int | None = None):
+  """Blocked flash attention on the inputs of `attention.dot_product_attention`.
+
+  Same semantics as `attention.reference.attention` (FlashAttention's online softmax,
+  Dao et al. 2022, over the active tiles of the compiled BlockMask).
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv].
+    scale, bias, mask, mask_obj, logits_soft_cap, sinks, q_segment_ids,
+      kv_segment_ids, return_residuals: as in `attention.reference.attention`.
+    block_q, block_kv: tile sizes (None: `block_sizes_for`); lengths are padded to
+      multiples of them. Use `functools.partial(attention, block_q=..)` to override.
+    lanes: query (forward) / key (backward) blocks processed side by side per step
+      (None: as many as keep a step near 2M logits, at most 8).
+
+  Returns:
+    out [B, T, N, Hv] in query's dtype, and with `return_residuals` the log-sum-exp
+    [B, N, T] (float32, float64 for float64 inputs; -inf where a row sees nothing).
+  """
+  _check_inputs(query, key, value, bias, mask, mask_obj, sinks, q_segment_ids,
+                kv_segment_ids, scale, logits_soft_cap)
+  block_q = _check_block_arg('block_q', block_q)
+  block_kv = _check_block_arg('block_kv', block_kv)
+  lanes = _check_block_arg('lanes', lanes)
+  b, t, n, _ = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  if block_q is None or block_kv is None:
+    auto_q, auto_kv = block_sizes_for(t, s, mask_obj)
+    block_q = auto_q if block_q is None else block_q
+    block_kv = auto_kv if block_kv is None else block_kv
+  structure = mask_obj if mask_obj is not None else _AllVisible((t, s))
+  plan = _make_plan(structure, n, kh, block_q, block_kv, b * n, lanes)
+  cfg = _Config(plan=plan, scale=float(scale),
+                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+  out, lse = _flash_jit(cfg, query, key, value, bias, sinks, mask, q_segment_ids,
+                        kv_segment_ids)
+  if return_residuals:
+    return out, lse
+  return out
+
+
+def visited_fraction(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
+                     num_heads: int = 1, block_q: int | None = None,
+                     block_kv: int | None = None) -> float:
+  """Fraction of the padded T x S tile area the forward pass computes."""
+  _check_length('q_len', q_len)
+  _check_length('kv_len', kv_len)
+  _check_mask_obj(mask_obj, q_len, kv_len)
+  _check_length('num_heads', num_heads)
+  block_q = _check_block_arg('block_q', block_q)
+  block_kv = _check_block_arg('block_kv', block_kv)
+  if block_q is None or block_kv is None:
+    block_q, block_kv = block_sizes_for(q_len, kv_len, mask_obj)
+  structure = mask_obj if mask_obj is not None else _AllVisible((q_len, kv_len))
+  bm = masks_block.compile_mask(
+      structure, block_q, block_kv,
+      num_heads=num_heads if structure.head_dependent else None)
+  active = (bm.block_state[bm.head_map] != EMPTY).sum()
+  return float(active) / (len(bm.head_map) * bm.num_q_blocks * bm.num_kv_blocks)
+

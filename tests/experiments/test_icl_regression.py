@@ -1,0 +1,116 @@
+"""End-to-end test of `python -m experiments.icl_regression` and its flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from experiments import icl_regression
+from experiments.icl import study
+
+FLAGS = flags.FLAGS
+
+
+def _run_main(argv):
+  with flagsaver.flagsaver():
+    FLAGS.unparse_flags()
+    FLAGS(['icl_regression'] + argv)
+    icl_regression.main(['icl_regression'])
+
+
+def test_entry_point_tiny_main_run(tmp_path):
+  """Miniature of the slow test below: main run only (findings 1-4 outputs)."""
+  workdir = str(tmp_path / 'w')
+  _run_main([f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
+             '--eval_lengths=10,40,60', '--noniso=false', '--multitask=false',
+             '--seeds=0'])
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['figures'] == [
+      'fig1_kq_heatmaps.png', 'fig1_2_trajectories.png', 'fig2_ov_vectors.png',
+      'fig3_pairing_dummy.png', 'fig4_error_vs_length.png']
+  for name in summary['figures']:
+    assert os.path.getsize(os.path.join(workdir, name)) > 5000, name
+  assert summary['timing']['runs']['main']['steps_run'] == 60
+  assert set(summary['error_vs_length']['mean']) == {
+      'softmax_H1', 'softmax_H2', 'reduced_H1', 'reduced_H2', 'linear_H1', 'gd',
+      'debiased_gd', 'single_head_best', 'ridge'}
+  assert 'noniso' not in summary and 'multitask' not in summary
+
+
+@pytest.mark.slow
+def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=128',
+          '--eval_lengths=10,40,60']
+  _run_main(argv + ['--interrupt_after_steps=20'])
+  assert 'Interrupted' in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  _run_main(argv)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['timing']['runs']['main']['resumed_from'] == 20
+  assert summary['timing']['runs']['main']['steps_run'] == 40
+  for name in summary['figures']:
+    path = os.path.join(workdir, name)
+    assert os.path.getsize(path) > 5000, name
+  assert len(summary['figures']) == 7
+  assert [r['heads'] for r in summary['structure']] == [1, 2]
+  errors = summary['error_vs_length']
+  assert errors['lengths'] == [10, 40, 60]
+  for curve in ('softmax_H1', 'softmax_H2', 'reduced_H2', 'linear_H1', 'gd',
+                'debiased_gd', 'single_head_best', 'ridge'):
+    assert len(errors['mean'][curve]) == 3, curve
+  # Ridge is Bayes-optimal: below every other predictor at every length.
+  for k, v in errors['mean'].items():
+    if k != 'ridge':
+      assert all(r <= x * 1.02 for r, x in zip(errors['mean']['ridge'], v)), k
+  assert 'noniso' in summary and 'multitask' in summary
+  assert os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--heads=0,2'], 'heads'),
+    (['--heads=a'], 'comma-separated list of ints'),
+    (['--seeds=-1'], 'seeds'),
+    (['--steps=30'], 'multiple of log_every'),
+    (['--lr=-0.1'], 'lr'),
+    (['--sigma2=-1'], 'sigma2'),
+    (['--rho=1.5'], 'rho'),
+    (['--d=0'], 'd must'),
+    (['--eval_lengths=0'], 'eval_lengths'),
+    (['--linear_heads=0'], 'linear_heads'),
+    (['--checkpoint_every=7'], 'checkpoint_every'),
+    (['--n_test=1'], 'n_test'),
+    (['--interrupt_after_steps=3'], 'interrupt_after_steps'),
+])
+def test_bad_flags_rejected(tmp_path, argv, match):
+  with pytest.raises(app.UsageError, match=match):
+    _run_main([f'--workdir={tmp_path}', '--preset=tiny'] + argv)
+
+
+def test_missing_workdir_and_bad_preset_exit_nonzero():
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  for argv, match in ((['--preset=tiny'], 'workdir is required'),
+                      (['--workdir=/tmp/x', '--preset=huge'], 'preset')):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.icl_regression'] + argv,
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert match in proc.stderr, proc.stderr
+
+
+def test_build_specs_names_runs():
+  from experiments.configs import icl_regression as configs  # pylint: disable=g-import-not-at-top
+  specs = study.build_specs(configs.get_config('paper'))
+  assert set(specs) == {'main', 'noniso', 'multitask'}
+  assert specs['main'].heads == (1, 2, 4, 8) and specs['main'].steps == 500_000
+  assert specs['multitask'].task.token_dim == 8
+  assert specs['noniso'].task.rho == 0.5
+  with pytest.raises(ValueError, match='preset'):
+    configs.get_config('huge')

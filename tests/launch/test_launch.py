@@ -1,0 +1,96 @@
+"""Tests of the launchers: env parsing, generated commands, a real 2-process run."""
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from launch import distributed
+from launch import local
+from launch import slurm
+from launch import tpu_pod
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cluster_env():
+  assert distributed.cluster_env({}) is None
+  env = dict(JAX_COORDINATOR_ADDRESS='127.0.0.1:1234', JAX_NUM_PROCESSES='2',
+             JAX_PROCESS_ID='1')
+  assert distributed.cluster_env(env) == dict(
+      coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)
+  with pytest.raises(ValueError, match='missing'):
+    distributed.cluster_env(dict(JAX_NUM_PROCESSES='2'))
+  with pytest.raises(ValueError, match='must be integers'):
+    distributed.cluster_env(dict(env, JAX_PROCESS_ID='one'))
+  with pytest.raises(ValueError, match=r'JAX_PROCESS_ID must be in \[0'):
+    distributed.cluster_env(dict(env, JAX_PROCESS_ID='2'))
+
+
+def test_process_env_replaces_device_count():
+  env = local.process_env(
+      {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --foo'},
+      process_id=1, num_processes=3, port=555, devices_per_process=2)
+  assert env['JAX_PROCESS_ID'] == '1' and env['JAX_NUM_PROCESSES'] == '3'
+  assert env['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:555'
+  assert env['XLA_FLAGS'].split() == [
+      '--foo', '--xla_force_host_platform_device_count=2']
+
+
+def test_local_launch_two_processes(tmp_path):
+  script = tmp_path / 'worker.py'
+  script.write_text(textwrap.dedent('''
+      import jax, numpy as np
+      from launch import distributed
+      distributed.initialize()
+      from jax.experimental import multihost_utils
+      ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
+      print('count', jax.process_count(), jax.device_count(), sorted(ids.ravel().tolist()))
+  '''))
+  out = io.StringIO()
+  env_path = os.environ.get('PYTHONPATH', '')
+  os.environ['PYTHONPATH'] = REPO + (os.pathsep + env_path if env_path else '')
+  try:
+    code = local.launch([sys.executable, str(script)], num_processes=2,
+                        devices_per_process=2, timeout=240, out=out)
+  finally:
+    os.environ['PYTHONPATH'] = env_path
+  text = out.getvalue()
+  assert code == 0, text
+  assert '[p0] count 2 4 [0, 1]' in text and '[p1] count 2 4 [0, 1]' in text
+
+
+def test_local_launch_failure_propagates():
+  code = local.launch([sys.executable, '-c', 'import sys; sys.exit(3)'],
+                      num_processes=2, out=io.StringIO())
+  assert code == 3
+  with pytest.raises(ValueError, match='num_processes must be >= 1'):
+    local.launch(['true'], num_processes=0)
+  with pytest.raises(ValueError, match='command must be non-empty'):
+    local.launch([], num_processes=1)
+
+
+def test_tpu_pod_commands():
+  cmds = tpu_pod.commands(['python', '-m', 'experiments.train', '--x=1 2'],
+                          tpu='pod', zone='z', repo_dir='~/a', project='p')
+  assert cmds[0][:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod',
+                         '--zone=z', '--worker=all']
+  assert "pip install -e '.[tpu]'" in cmds[0][-1]
+  assert cmds[1][-1] == "cd ~/a && python -m experiments.train '--x=1 2'"
+  with pytest.raises(ValueError, match='tpu must be set'):
+    tpu_pod.commands(['x'], tpu=None, zone='z', repo_dir='~/a')
+
+
+def test_slurm_script_is_valid_bash(tmp_path):
+  text = slurm.sbatch_script(['python', '-m', 'experiments.train', "--n=it's"],
+                             nodes=2, gpus_per_node=4, time='01:00:00',
+                             port=1234, partition='gpu')
+  assert '#SBATCH --nodes=2' in text and '#SBATCH --partition=gpu' in text
+  path = tmp_path / 'job.sbatch'
+  path.write_text(text)
+  assert subprocess.run(['bash', '-n', str(path)]).returncode == 0
+  with pytest.raises(ValueError, match='nodes and gpus_per_node'):
+    slurm.sbatch_script(['x'], nodes=0, gpus_per_node=1, time='1', port=1)
