@@ -228,6 +228,15 @@ def test_registry_masks_by_name():
   assert m == masks.causal(4, 4, offset=2)
   assert registry.parse_mask_spec('w:3, None, right=0') == ('w', (3, None),
                                                             {'right': 0})
+  # Generators of attention.masks resolve by name; sizes come from the model.
+  q, k = np.arange(6)[:, None], np.arange(6)[None, :]
+  for spec, predicate in (('sliding_window:2,0', (k <= q) & (k >= q - 2)),
+                          ('sliding_window:left=1,right=1', abs(q - k) <= 1),
+                          ('chunked_causal:3', (q // 3 == k // 3) & (k <= q)),
+                          ('prefix_lm:2', (k <= q) | (k < 2))):
+    np.testing.assert_array_equal(
+        registry.make_mask(spec, q_len=6, kv_len=6, num_heads=2).materialize(),
+        predicate, err_msg=spec)
   with pytest.raises(ValueError, match=r"mask must be one of \(.*'causal'"):
     registry.make_mask('sliding_windw:4', q_len=4, kv_len=4, num_heads=2)
   with pytest.raises(ValueError, match='Python literals'):
