@@ -83,9 +83,8 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ValueError(
         f'train.warmup_steps ({t.warmup_steps}) must be < train.num_steps '
         f'({t.num_steps}).')
-  for key in ('learning_rate',):
-    if not t[key] > 0:
-      raise ValueError(f'train.{key} must be > 0, got {t[key]}.')
+  if not t.learning_rate > 0:
+    raise ValueError(f'train.learning_rate must be > 0, got {t.learning_rate}.')
   if not 0.0 <= t.end_lr_fraction <= 1.0:
     raise ValueError(
         f'train.end_lr_fraction must be in [0, 1], got {t.end_lr_fraction}.')
