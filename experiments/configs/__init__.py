@@ -1,0 +1,1 @@
+"""ml_collections config files for the experiment binaries (`file.py:preset`)."""

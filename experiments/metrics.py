@@ -1,0 +1,130 @@
+"""Metric writers: JSON lines + TensorBoard event files, and a console progress line.
+
+`MetricsWriter` appends one JSON object per call to `<workdir>/metrics.jsonl`
+({"step": s, "split": "train"|"eval", <name>: value, ...}) and, when tensorboardX is
+installed, writes the same scalars as TensorBoard events under `<workdir>/tensorboard/`
+(one run directory per split). Only the primary host writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _to_float(name: str, value: Any) -> float:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'metric {name!r} must be a scalar, got {type(value).__name__}.'
+    ) from None
+
+
+class MetricsWriter:
+  """Writes scalar metrics to JSON lines and (optionally) TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True,
+               enabled: bool = True):
+    self._enabled = enabled
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._tb: dict[str, Any] = {}
+    self._tb_dir = os.path.join(workdir, 'tensorboard') if tensorboard else None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      _end_torn_line(self._path)
+
+  def _writer(self, split: str):
+    if split not in self._tb:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb[split] = SummaryWriter(os.path.join(self._tb_dir, split))
+    return self._tb[split]
+
+  def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+    """Records `scalars` at `step` for `split` ('train' or 'eval')."""
+    if not self._enabled:
+      return
+    values = {k: _to_float(k, v) for k, v in scalars.items()}
+    row = {'step': int(step), 'split': split, **values}
+    with open(self._path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(row) + '\n')
+    if self._tb_dir is not None:
+      writer = self._writer(split)
+      for name, value in values.items():
+        writer.add_scalar(name, value, int(step))
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self._tb.values():
+      writer.close()
+    self._tb.clear()
+
+
+def _end_torn_line(path: str) -> None:
+  """Terminates a last line left unfinished by a killed writer."""
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb+') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All complete rows of `<workdir>/metrics.jsonl` in file order.
+
+  A line that is not valid JSON (torn by a process killed while writing it) is
+  skipped; a resumed run rewrites the steps after its checkpoint anyway.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+class Progress:
+  """Console progress: step, loss, steps/s, tokens/s and ETA."""
+
+  def __init__(self, start_step: int, num_steps: int):
+    self._num_steps = num_steps
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def rates(self, step: int, tokens_per_step: int) -> tuple[float, float]:
+    """(steps/s, tokens/s) since the previous call; resets the window."""
+    now = time.perf_counter()
+    steps = step - self._last_step
+    elapsed = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    return steps / elapsed, steps * tokens_per_step / elapsed
+
+  def line(self, step: int, scalars: dict[str, float]) -> str:
+    steps_per_sec = scalars.get('steps_per_sec', 0.0)
+    remaining = self._num_steps - step
+    eta = (datetime.timedelta(seconds=round(remaining / steps_per_sec))
+           if steps_per_sec > 0 else '?')
+    parts = [f'step {step}/{self._num_steps}']
+    for name in ('loss', 'accuracy', 'learning_rate', 'grad_norm'):
+      if name in scalars and math.isfinite(scalars[name]):
+        parts.append(f'{name} {scalars[name]:.4g}')
+    parts.append(f'{steps_per_sec:.2f} steps/s')
+    parts.append(f'{scalars.get("tokens_per_sec", 0.0):,.0f} tokens/s')
+    parts.append(f'ETA {eta}')
+    return ' | '.join(parts)
+
+  def log(self, step: int, scalars: dict[str, float]) -> None:
+    logging.info('%s', self.line(step, scalars))

@@ -1,0 +1,175 @@
+"""Attention variants and masks selected by name from config strings.
+
+A model never imports a specific attention variant or mask: it asks this registry.
+
+* Variants: `get_variant('softmax')` returns a function with the [B, T, N, H] convention
+
+      fn(query, key, value, *, mask, is_causal, sinks, logits_soft_cap, implementation)
+          -> (out [B, T, N, H_v], aux_losses: dict[str, scalar])
+
+  `aux_losses` is how a variant with trainable routing (e.g. MoH load balancing) adds
+  terms to the training loss: the models sum them over layers and the trainer adds the
+  total to the cross-entropy. `register_variant` adds a new one.
+
+* Masks: a spec string `'name'` or `'name:arg,arg,key=value'` names a generator in
+  `attention.masks` (any public function with a size parameter `shape`, `q_len`,
+  `seq_len` or `length`); arguments are Python literals. `'none'` means no mask. The
+  size arguments (and `num_heads`, when the generator takes it and the spec does not
+  give it) are filled in from the model, so `'causal'`, `'sliding_window:128,0'` or
+  `'chunked_causal:chunk=64'` resolve as soon as `attention.masks` defines them.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+
+import attention
+from attention import masks as attention_masks
+
+AuxLosses = dict[str, jax.Array]
+VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
+
+_SIZE_PARAMS = ('shape', 'q_len', 'seq_len', 'length')
+NO_MASK = 'none'
+
+
+def softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                      mask: attention_masks.Mask | None, is_causal: bool,
+                      sinks: jax.Array | None,
+                      logits_soft_cap: float | None,
+                      implementation: str | None
+                     ) -> tuple[jax.Array, AuxLosses]:
+  """Multi-head softmax attention ("Attention Is All You Need", Vaswani et al. 2017).
+
+  GQA/MQA ("GQA", Ainslie et al. 2023) when key/value have fewer heads; sinks and
+  soft-capping as in `attention.dot_product_attention`. No auxiliary losses.
+  """
+  out = attention.dot_product_attention(  # [B, T, N, H_v]
+      query, key, value, mask=mask, is_causal=is_causal, sinks=sinks,
+      logits_soft_cap=logits_soft_cap, implementation=implementation)
+  return out, {}
+
+
+_VARIANTS: dict[str, VariantFn] = {'softmax': softmax_attention}
+
+
+def register_variant(name: str, fn: VariantFn) -> None:
+  """Makes `fn` selectable as `attention.variant=name` in model configs."""
+  if not isinstance(name, str) or not name or ':' in name:
+    raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
+  if not callable(fn):
+    raise TypeError(f'fn must be callable, got {type(fn).__name__}.')
+  _VARIANTS[name] = fn
+
+
+def available_variants() -> tuple[str, ...]:
+  return tuple(sorted(_VARIANTS))
+
+
+def get_variant(name: str) -> VariantFn:
+  """The attention function registered as `name`."""
+  if name not in _VARIANTS:
+    raise ValueError(
+        f'attention variant must be one of {available_variants()}, got {name!r}.')
+  return _VARIANTS[name]
+
+
+def _size_param(fn: Callable[..., Any]) -> str | None:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return None
+  for name in _SIZE_PARAMS:
+    if name in params:
+      return name
+  return None
+
+
+def available_masks() -> tuple[str, ...]:
+  """Names of the mask generators in `attention.masks`, plus 'none'."""
+  names = [NO_MASK]
+  for name in dir(attention_masks):
+    obj = getattr(attention_masks, name)
+    if (not name.startswith('_') and inspect.isfunction(obj) and
+        _size_param(obj) is not None):
+      names.append(name)
+  return tuple(sorted(names))
+
+
+def parse_mask_spec(spec: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+  """'name:1,2,key=3' -> ('name', (1, 2), {'key': 3}); arguments are literals."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f'mask spec must be a non-empty str, got {spec!r}.')
+  name, _, arg_text = spec.partition(':')
+  name = name.strip()
+  args, kwargs = [], {}
+  if arg_text.strip():
+    try:
+      call = ast.parse(f'f({arg_text})', mode='eval').body
+      args = [ast.literal_eval(a) for a in call.args]
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as e:
+      raise ValueError(
+          f'mask spec {spec!r}: arguments must be Python literals like '
+          f'"sliding_window:128,0" or "name:key=3" ({e}).') from None
+    if any(k is None for k in kwargs):
+      raise ValueError(f'mask spec {spec!r}: **kwargs are not allowed.')
+  return name, tuple(args), kwargs
+
+
+@functools.lru_cache(maxsize=256)
+def make_mask(spec: str, *, q_len: int, kv_len: int,
+              num_heads: int) -> attention_masks.Mask | None:
+  """The `attention.masks.Mask` for `spec` at these sizes (None for 'none')."""
+  name, args, kwargs = parse_mask_spec(spec)
+  if name == NO_MASK:
+    if args or kwargs:
+      raise ValueError(f'mask spec {spec!r}: "none" takes no arguments.')
+    return None
+  available = available_masks()
+  if name not in available:
+    raise ValueError(
+        f'mask must be one of {available} (optionally "name:args"), got '
+        f'{spec!r}.')
+  fn = getattr(attention_masks, name)
+  params = inspect.signature(fn).parameters
+  size = _size_param(fn)
+  filled: dict[str, Any] = {}
+  if size == 'shape':
+    filled['shape'] = (q_len, kv_len)
+  elif size == 'q_len':
+    filled['q_len'] = q_len
+    if 'kv_len' in params:
+      filled['kv_len'] = kv_len
+  else:
+    if q_len != kv_len:
+      raise ValueError(
+          f'mask {name!r} takes one length ({size}) but q_len={q_len} != '
+          f'kv_len={kv_len}.')
+    filled[size] = q_len
+  if 'num_heads' in params and 'num_heads' not in kwargs:
+    filled['num_heads'] = num_heads
+  clash = sorted(set(filled) & set(kwargs))
+  if clash:
+    raise ValueError(
+        f'mask spec {spec!r}: {clash} are set by the model, not the spec.')
+  try:
+    positional = [p for p in params if p not in filled and p not in kwargs]
+    bound = inspect.signature(fn).bind(
+        **filled, **kwargs, **dict(zip(positional, args)))
+    if len(args) > len(positional):
+      raise TypeError(f'too many positional arguments ({len(args)})')
+  except TypeError as e:
+    raise ValueError(
+        f'mask spec {spec!r} does not match attention.masks.{name}'
+        f'{inspect.signature(fn)}: {e}.') from None
+  mask = fn(*bound.args, **bound.kwargs)
+  if not isinstance(mask, attention_masks.Mask):
+    raise TypeError(
+        f'attention.masks.{name} returned {type(mask).__name__}, not a Mask.')
+  return mask
