@@ -6,7 +6,8 @@ r"""Trains a transformer (decoder LM or ViT) with any attention variant of attnl
 Configs are ml_collections files with named presets (`file.py:preset`); fields are
 overridden with `--config.<field>=value` and unknown fields are rejected. Re-running
 with the same workdir resumes from its latest checkpoint. The logic lives in
-`experiments.train_lib`.
+`experiments.train_lib`. Several processes: `python -m launch.local` (or launch.tpu_pod /
+launch.slurm) around the same command.
 """
 
 import logging as std_logging
@@ -14,20 +15,17 @@ import logging as std_logging
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
+from experiments import common_flags
 from experiments import train_lib
+from launch import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. experiments/configs/lm.py:tiny.',
     lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints and metrics (resumed if present).')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'jax_distributed', False,
-    'Call jax.distributed.initialize() first (multi-host TPU/GPU runs).')
-flags.mark_flags_as_required(['config', 'workdir'])
+_WORKDIR = common_flags.WORKDIR  # checkpoints and metrics; resumed if present
+flags.mark_flags_as_required(['config'])
 
 
 def _quiet_orbax(record) -> bool:
@@ -39,8 +37,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required.')
+  distributed.initialize()  # no-op unless launched as several processes
   logging.info('Config:\n%s', _CONFIG.value)
   summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('Done: %s', summary)
