@@ -94,3 +94,33 @@ def test_slurm_script_is_valid_bash(tmp_path):
   assert subprocess.run(['bash', '-n', str(path)]).returncode == 0
   with pytest.raises(ValueError, match='nodes and gpus_per_node'):
     slurm.sbatch_script(['x'], nodes=0, gpus_per_node=1, time='1', port=1)
+
+
+def _train_eval_losses(workdir, num_processes, devices):
+  out = io.StringIO()
+  env_path = os.environ.get('PYTHONPATH', '')
+  os.environ['PYTHONPATH'] = REPO + (os.pathsep + env_path if env_path else '')
+  try:
+    code = local.launch(
+        [sys.executable, '-m', 'experiments.train',
+         '--config=experiments/configs/lm.py:tiny', f'--workdir={workdir}',
+         '--config.train.num_steps=10'],
+        num_processes=num_processes, devices_per_process=devices, timeout=400,
+        out=out)
+  finally:
+    os.environ['PYTHONPATH'] = env_path
+  text = out.getvalue()
+  assert code == 0, text[-3000:]
+  losses = [float(line.split("'loss': ")[1].split(',')[0])
+            for line in text.splitlines() if 'eval at step 10' in line]
+  assert len(losses) == num_processes, text[-3000:]
+  return losses
+
+
+def test_training_binary_two_processes_matches_one(tmp_path):
+  """The real training binary on 2 processes x 2 devices (jax.distributed over
+  gloo) reaches the same eval loss as 1 process x 4 devices."""
+  two = _train_eval_losses(tmp_path / 'two', 2, 2)
+  one = _train_eval_losses(tmp_path / 'one', 1, 4)
+  assert two[0] == two[1]
+  assert abs(two[0] - one[0]) < 1e-4 * abs(one[0]), (two, one)
