@@ -77,3 +77,17 @@ def test_sparse_topic_predicted_vs_measured(monkeypatch):
   for r in rows:
     assert r['predicted_speedup'] >= 1.0 and r['measured_speedup'] > 0
     assert 0 < r['density'] <= r['tile_fraction'] <= 1
+
+
+def test_quality_topic_trains_each_variant(monkeypatch, tmp_path):
+  from experiments.benchmarks import quality  # pylint: disable=g-import-not-at-top
+  tiny = dict(quality.SUITES['quick'], lengths=(16,), steps=4,
+              variants=('softmax', 'mask=sliding_window(L/4)'))
+  monkeypatch.setitem(quality.SUITES, 'quick', tiny)
+  assert 'mask=sliding_window(L/4)' in quality.variants(16)
+  rows = quality.run('quick', str(tmp_path))
+  assert [r['variant'] for r in rows] == list(tiny['variants'])
+  for r in rows:
+    assert 0.0 <= r['eval_accuracy'] <= 1.0 and r['tokens_per_s'] > 0
+  assert rows[0]['speed_vs_first'] == 1.0
+  assert os.listdir(tmp_path) == []  # run directories are cleaned up
