@@ -37,6 +37,7 @@ import numpy as np
 from attention import _checks
 from attention.masks import base as masks_base
 from attention.masks import block as masks_block
+from attention.masks import static as masks_static
 
 EMPTY, PARTIAL, FULL = masks_base.EMPTY, masks_base.PARTIAL, masks_base.FULL
 
@@ -52,20 +53,7 @@ _MAX_LANES = 8
 # ----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _AllVisible(masks_base.Mask):
-  """Every position visible (used when no mask object is given)."""
-  shape: tuple[int, int]
-
-  def _predicate(self, q, k, h):
-    del h
-    return np.ones(np.broadcast_shapes(np.shape(q), np.shape(k)), dtype=bool)
-
-  def _block_classes(self, block_q, block_kv, nq, nk):
-    q0, q1, k0, k1, real = masks_base.block_ranges(self.shape, block_q, block_kv,
-                                                   nq, nk)
-    empty = (q0 > q1) | (k0 > k1)
-    return np.where(real, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+_AllVisible = masks_static.Full  # every position visible (no mask object given)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

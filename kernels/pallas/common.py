@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.masks import base as masks_base
+from attention.masks import static as masks_static
 from attention.masks import block as masks_block
 
 # Finite stand-in for -inf inside the kernels (as splash attention): exp() of it is 0
@@ -32,22 +33,8 @@ from attention.masks import block as masks_block
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class FullMask(masks_base.Mask):
-  """Every query sees every key (used when only padding needs masking)."""
-  shape: tuple[int, int]
-
-  def _predicate(self, q, k, h):
-    del h
-    return np.ones(np.broadcast_shapes(np.shape(q), np.shape(k)), dtype=bool)
-
-  def _block_classes(self, block_q, block_kv, nq, nk):
-    q0, q1, k0, k1, real = masks_base.block_ranges(self.shape, block_q,
-                                                   block_kv, nq, nk)
-    empty = (q0 > q1) | (k0 > k1)
-    return np.where(real, masks_base.FULL,
-                    np.where(empty, masks_base.EMPTY,
-                             masks_base.PARTIAL)).astype(np.int8)
+# Every query sees every key (used when only padding needs masking).
+FullMask = masks_static.Full
 
 
 def _is_tracer(x: Any) -> bool:
