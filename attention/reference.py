@@ -44,6 +44,31 @@ def combined_mask(*, batch: int, num_heads: int, q_len: int, kv_len: int,
   return result
 
 
+@jax.custom_jvp
+def _softmax(logits: jax.Array, row_max: jax.Array, sink: jax.Array):
+  """(probs [..., S], denominator [...]) with an extra exp(sink) term.
+
+  `row_max` [...] is the (stop-gradient, finite) shift; `sink` broadcasts to it
+  (-inf: no sink). Rows with a zero denominator get zero probabilities. The JVP is
+  the closed form dp = p * (dz - sum(p dz) - p_sink dsink): autodiff of the division
+  builds several more [B, N, T, S] arrays, which dominates small problems on CPU.
+  """
+  e = jnp.exp(logits - row_max[..., None])  # masked (-inf) -> 0
+  denom = jnp.sum(e, axis=-1) + jnp.exp(sink - row_max)
+  return e / jnp.where(denom > 0, denom, 1.0)[..., None], denom
+
+
+@_softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  logits, row_max, sink = primals
+  d_logits, _, d_sink = tangents
+  probs, denom = _softmax(logits, row_max, sink)
+  p_sink = jnp.exp(sink - row_max) / jnp.where(denom > 0, denom, 1.0)
+  d_logits = jnp.where(probs > 0, d_logits, 0.0)  # masked entries carry no tangent
+  mean = jnp.sum(probs * d_logits, axis=-1) + p_sink * d_sink  # [...]
+  return (probs, denom), (probs * (d_logits - mean[..., None]), denom * mean)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               scale: float, bias: jax.Array | None = None,
               mask: jax.Array | None = None,
@@ -66,8 +91,12 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   q = query.astype(cdt).reshape(b, t, kh, g, h)
   k = key.astype(cdt)
   v = value.astype(cdt)
-  logits = jnp.einsum('btkgh,bskh->bkgts', q, k,
-                      precision=jax.lax.Precision.HIGHEST)  # [B, K, G, T, S]
+  # One flattened batch dim (B * K) per dot: XLA:CPU runs a dot with several batch
+  # dims several times slower.
+  qx = q.transpose(0, 2, 3, 1, 4).reshape(b * kh, g * t, h)  # [B*K, G*T, H]
+  kx = k.transpose(0, 2, 1, 3).reshape(b * kh, s, h)  # [B*K, S, H]
+  logits = jnp.einsum('xmh,xsh->xms', qx, kx,
+                      precision=jax.lax.Precision.HIGHEST)  # [B*K, G*T, S]
   logits = logits.reshape(b, n, t, s) * jnp.asarray(scale, cdt)  # [B, N, T, S]
   if logits_soft_cap is not None:
     cap = jnp.asarray(logits_soft_cap, cdt)
@@ -84,15 +113,16 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     row_max = jnp.maximum(row_max, sinks.astype(cdt)[None, :, None])
   row_max = jax.lax.stop_gradient(
       jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  probs = jnp.exp(logits - row_max[..., None])  # [B, N, T, S]; masked -> 0
-  denom = jnp.sum(probs, axis=-1)  # [B, N, T]
-  if sinks is not None:
-    denom = denom + jnp.exp(sinks.astype(cdt)[None, :, None] - row_max)
+  sink = (jnp.full((), -jnp.inf, cdt) if sinks is None else
+          sinks.astype(cdt)[None, :, None])  # [1, N, 1]
+  probs, denom = _softmax(logits, row_max, sink)  # [B, N, T, S], [B, N, T]
   safe = jnp.where(denom > 0, denom, 1.0)
-  probs = probs / safe[..., None]
-  out = jnp.einsum('bkgts,bskv->btkgv', probs.reshape(b, kh, g, t, s), v,
-                   precision=jax.lax.Precision.HIGHEST)  # [B, T, K, G, H_v]
-  out = out.reshape(b, t, n, v.shape[-1]).astype(query.dtype)
+  hv = v.shape[-1]
+  vx = v.transpose(0, 2, 1, 3).reshape(b * kh, s, hv)  # [B*K, S, H_v]
+  out = jnp.einsum('xms,xsv->xmv', probs.reshape(b * kh, g * t, s), vx,
+                   precision=jax.lax.Precision.HIGHEST)  # [B*K, G*T, H_v]
+  out = out.reshape(b, kh, g, t, hv).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H_v]
+  out = out.reshape(b, t, n, hv).astype(query.dtype)
   if not return_residuals:
     return out
   lse = jnp.where(denom > 0, row_max + jnp.log(safe), -jnp.inf)

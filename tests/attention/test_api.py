@@ -259,3 +259,49 @@ def test_bad_input(name, overrides, exc, match):
 def test_mask_bool_raises():
   with pytest.raises(TypeError, match='no truth value'):
     bool(masks.causal(4))
+
+
+def _naive_attention(q, k, v, bias, sinks, mask):
+  """Plain autodiff formula (float64): the oracle of the reference's custom JVP."""
+  g = q.shape[2] // k.shape[2]
+  kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  z = jnp.einsum('btnh,bsnh->bnts', q, kr) * 0.4 + bias  # [B, N, T, S]
+  z = jnp.where(mask, z, -jnp.inf)
+  zs = jnp.concatenate([z, jnp.broadcast_to(sinks[None, :, None, None],
+                                            z.shape[:3] + (1,))], -1)
+  lse = jax.nn.logsumexp(zs, axis=-1)  # [B, N, T]
+  p = jnp.exp(z - lse[..., None])
+  return jnp.einsum('bnts,bsnv->btnv', p, vr), lse
+
+
+def test_reference_jvp_and_second_order_match_autodiff_form():
+  """Forward-mode, lse cotangents and Hessian-vector products (custom JVP)."""
+  with jax.enable_x64(True):
+    q, k, v = _inputs(11, dtype=jnp.float64)
+    rng = np.random.default_rng(3)
+    bias = jnp.asarray(rng.normal(size=(2, 4, 7, 9)))
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+    mask = jnp.asarray(rng.random((2, 4, 7, 9)) < 0.7) | jnp.eye(7, 9, dtype=bool)
+
+    def ours(q, k, v, bias, sinks):
+      return attention.dot_product_attention(
+          q, k, v, bias=bias, sinks=sinks, mask=mask, scale=0.4,
+          return_residuals=True, implementation='reference')
+
+    def naive(q, k, v, bias, sinks):
+      return _naive_attention(q, k, v, bias, sinks, mask)
+
+    args = (q, k, v, bias, sinks)
+    tangents = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
+    for got, want in zip(jax.jvp(ours, args, tangents),
+                         jax.jvp(naive, args, tangents)):
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-10, rtol=1e-10)
+
+    def scalar(fn):
+      return lambda *a: jnp.sum(fn(*a)[0] ** 2) + jnp.sum(jnp.sin(fn(*a)[1]))
+
+    hvp = lambda fn: jax.jvp(jax.grad(scalar(fn), argnums=(0, 1, 2, 3, 4)),
+                             args, tangents)[1]
+    for g, w in zip(hvp(ours), hvp(naive)):
+      np.testing.assert_allclose(g, w, atol=1e-9, rtol=1e-9)
