@@ -22,6 +22,7 @@ from absl import logging
 
 from experiments import common_flags
 from experiments.configs import icl_regression as configs
+from launch import distributed
 
 _WORKDIR = common_flags.WORKDIR  # required
 _PRESET = flags.DEFINE_enum('preset', 'quick', list(configs.PRESETS),
@@ -57,6 +58,10 @@ flags.DEFINE_integer('interrupt_after_steps', None,
                      'Stop after this many steps of each run, as if killed '
                      '(checkpoint kept); for testing resumption.')
 
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None, 'JAX CPU devices to expose (default: one per core); the '
+    'batch is split over them. Ignored when XLA_FLAGS forces a device count.')
+
 _LIST_FIELDS = ('heads', 'seeds', 'linear_heads', 'eval_lengths', 'noniso_heads',
                 'multitask_heads')
 
@@ -86,6 +91,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
+  if _CPU_DEVICES.value is not None and _CPU_DEVICES.value < 1:
+    raise app.UsageError(f'--cpu_devices must be >= 1, got {_CPU_DEVICES.value}.')
+  # One JAX device per core: the trainer splits each batch over them.
+  distributed.use_cpu_cores(_CPU_DEVICES.value)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   from experiments.icl import study  # pylint: disable=g-import-not-at-top
   config = config_from_flags()

@@ -51,6 +51,28 @@ def _auto_cluster(env: Mapping[str, str]) -> bool:
   return ',' in tpu_hosts or (slurm_tasks.isdigit() and int(slurm_tasks) > 1)
 
 
+def use_cpu_cores(count: int | None = None) -> int | None:
+  """Exposes `count` (default: every core) JAX CPU devices; call before any JAX op.
+
+  XLA:CPU runs one device's program largely on one thread for small ops, so
+  data-parallel code (e.g. the in-context regression trainer) uses all cores only
+  when each core is a device. Returns the count set, or None when nothing changed:
+  XLA_FLAGS already forces a host device count (tests force 8), or JAX's backends
+  are already initialised.
+  """
+  if '--xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return None
+  if count is None:
+    count = os.cpu_count() or 1
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise ValueError(f'count must be a positive int or None, got {count!r}.')
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # Backends already initialised: keep their devices.
+    return None
+  return count
+
+
 def initialize() -> None:
   """Joins the multi-process job described by the environment (idempotent)."""
   global _initialized

@@ -16,6 +16,10 @@ threefry vs unsafe_rbg data streams, plus a dense matmul throughput as the ceili
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -37,10 +41,13 @@ def _paper_spec(**kw) -> training.RunSpec:
   return training.RunSpec(**base)
 
 
-def _steps_per_s(spec: training.RunSpec, chunks: int) -> tuple[float, float]:
-  """(steps/s over `chunks` timed chunks, seconds of the first chunk incl. compile)."""
-  state = training._shard(training.init_state(spec), len(spec.seeds))  # pylint: disable=protected-access
-  chunk = training.make_chunk_fn(spec)
+def _steps_per_s(spec: training.RunSpec, chunks: int,
+                 max_devices: int | None = None) -> tuple[float, float, int]:
+  """(steps/s over `chunks` timed chunks, seconds of the first chunk incl. compile,
+  devices used)."""
+  mesh = training.make_mesh(spec, max_devices)
+  state = training.shard_state(training.init_state(spec), mesh)
+  chunk = training.make_chunk_fn(spec, mesh)
   t0 = time.perf_counter()
   state = chunk(state)
   int(state['step'])
@@ -49,7 +56,8 @@ def _steps_per_s(spec: training.RunSpec, chunks: int) -> tuple[float, float]:
   for _ in range(chunks):
     state = chunk(state)
   int(state['step'])
-  return chunks * spec.log_every / (time.perf_counter() - t0), first
+  return (chunks * spec.log_every / (time.perf_counter() - t0), first,
+          mesh.devices.size)
 
 
 def _matmul_gflops(n: int = 512, reps: int = 20) -> float:
@@ -95,21 +103,51 @@ def _component_rates(steps: int) -> dict[str, float]:
 
 
 def run(suite: str, workdir: str) -> list[dict[str, Any]]:
-  """Runs the benchmark; returns flat rows of measured numbers."""
+  """Runs the benchmark; returns flat rows of measured numbers.
+
+  The trainer splits each batch over the JAX devices; a CPU process that has fewer
+  devices than cores (the benchmark binary's default) runs the measurement in a
+  subprocess with one host device per core, as `python -m experiments.icl_regression`
+  does.
+  """
   if suite not in SUITES:
     raise ValueError(f'suite must be one of {SUITES}, got {suite!r}.')
+  cores = os.cpu_count() or 1
+  if jax.devices()[0].platform == 'cpu' and len(jax.devices()) < cores:
+    return _run_in_subprocess(suite, workdir, cores)
+  return _run(suite, workdir)
+
+
+def _run_in_subprocess(suite: str, workdir: str, devices: int
+                       ) -> list[dict[str, Any]]:
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ)
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={devices}').strip()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.icl_regression', suite,
+       workdir], capture_output=True, text=True, env=env, cwd=root, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'icl_regression benchmark subprocess failed: '
+                       f'{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout)
+
+
+def _run(suite: str, workdir: str) -> list[dict[str, Any]]:
   chunks = 3 if suite == 'quick' else 10
   rows = []
   ceiling = _matmul_gflops()
   base = _paper_spec()
-  variants = [('joint_H1_2_4_8_plus_linear', base)]
-  variants += [(f'alone_H{h}', _paper_spec(heads=(h,), linear_heads=()))
+  variants = [('joint_H1_2_4_8_plus_linear', base, None),
+               ('joint_one_device', base, 1)]
+  variants += [(f'alone_H{h}', _paper_spec(heads=(h,), linear_heads=()), None)
                for h in base.heads]
-  variants += [('joint_tokens_projection', _paper_spec(projection='tokens')),
-               ('joint_unsafe_rbg', _paper_spec(rng_impl='unsafe_rbg'))]
+  variants += [('joint_tokens_projection', _paper_spec(projection='tokens'), None),
+               ('joint_unsafe_rbg', _paper_spec(rng_impl='unsafe_rbg'), None)]
   measured = {}
-  for name, spec in variants:
-    sps, first = _steps_per_s(spec, chunks)
+  for name, spec, max_devices in variants:
+    sps, first, used = _steps_per_s(spec, chunks, max_devices)
     measured[name] = sps
     rows.append({
         'topic': 'icl_regression', 'suite': suite, 'variant': name,
@@ -117,6 +155,7 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
         'linear_heads': ','.join(map(str, spec.linear_heads)),
         'batch': spec.batch, 'length': spec.length, 'd': spec.task.d,
         'projection': spec.projection, 'rng_impl': spec.rng_impl,
+        'devices_used': used,
         'steps_per_s': sps, 'first_chunk_s_incl_compile': first,
         'timed_steps': chunks * spec.log_every,
         'projected_500k_steps_min': PAPER_STEPS / sps / 60,
@@ -139,6 +178,8 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
                                   measured['joint_tokens_projection'],
       'speedup_unsafe_rbg_vs_threefry': measured['joint_unsafe_rbg'] /
                                         measured['joint_H1_2_4_8_plus_linear'],
+      'speedup_all_devices_vs_one': measured['joint_H1_2_4_8_plus_linear'] /
+                                    measured['joint_one_device'],
       'target_min': 30.0,
       'matmul_gflops_ceiling': ceiling,
       'devices': len(jax.devices()),
@@ -156,7 +197,6 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
 
 
 if __name__ == '__main__':
-  import json  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  out = run(sys.argv[1] if len(sys.argv) > 1 else 'quick', '/tmp/icl_bench')
+  out = run(sys.argv[1] if len(sys.argv) > 1 else 'quick',
+            sys.argv[2] if len(sys.argv) > 2 else '/tmp/icl_bench')
   print(json.dumps(out, indent=1, default=float))

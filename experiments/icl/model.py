@@ -102,10 +102,16 @@ def _check_inputs(params, context, query, mask):
 
 def _combine(params, head_out, heads):
   """Per-head attended tokens [B, N, D] -> model outputs [B, M, T]."""
-  v = jnp.einsum('nij,bnj->bni', params['V'], head_out)  # [B, N, D]
-  per_head = jnp.einsum('nti,bni->bnt', params['O'], v)  # [B, N, T]
+  ov = jnp.einsum('nti,nij->ntj', params['O'], params['V'])  # [N, T, D] = O_h V_h
+  per_head = jnp.einsum('ntj,bnj->bnt', ov, head_out)  # [B, N, T]
   g = jnp.asarray(group_matrix(heads), per_head.dtype)
   return jnp.einsum('bnt,nm->bmt', per_head, g)  # [B, M, T]
+
+
+def _folded_query(params, query):
+  """K_h^T Q_h z_q [B, N, D]: the logit z_q^T Q_h^T K_h z_l as a dot with z_l."""
+  kq = jnp.einsum('nji,njk->nik', params['K'], params['Q'])  # [N, D, D] = K^T Q
+  return jnp.einsum('nik,bk->bni', kq, query)  # [B, N, D]
 
 
 def softmax_forward(params: dict[str, jax.Array], context: jax.Array,
@@ -120,7 +126,8 @@ def softmax_forward(params: dict[str, jax.Array], context: jax.Array,
   `'folded'` uses associativity: the logit z_q^T Q_h^T K_h z_l is the dot product of
   the folded query K_h^T Q_h z_q with the raw token, and V_h commutes with the
   attention average, so attention runs multi-query over the shared raw tokens and
-  V_h, O_h are applied to the [B, N, D] result (same function, D times fewer flops).
+  O_h V_h (one [T, D] row per head) is applied to the [B, N, D] result (same
+  function, D times fewer flops; K_h^T Q_h and O_h V_h are formed once per call).
 
   Args:
     params: Q, K, V [N, D, D], O [N, T, D].
@@ -142,14 +149,14 @@ def softmax_forward(params: dict[str, jax.Array], context: jax.Array,
                      f'{projection!r}.')
   scale = 1.0 / math.sqrt(dd)
   attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, L]
-  q = jnp.einsum('nij,bj->bni', params['Q'], query)  # [B, N, D]
   if projection == 'folded':
-    q_fold = jnp.einsum('nji,bnj->bni', params['K'], q)  # [B, N, D] = K^T Q z_q
+    q_fold = _folded_query(params, query)  # [B, N, D]
     tokens = context[:, :, None, :]  # [B, L, 1, D]
     out = attention.dot_product_attention(
         q_fold[:, None], tokens, tokens, scale=scale, mask=attn_mask,
         implementation=implementation)  # [B, 1, N, D]
     return _combine(params, out[:, 0], heads)
+  q = jnp.einsum('nij,bj->bni', params['Q'], query)  # [B, N, D]
   k = jnp.einsum('nij,blj->blni', params['K'], context)  # [B, L, N, D]
   v = jnp.einsum('nij,blj->blni', params['V'], context)  # [B, L, N, D]
   out = attention.dot_product_attention(
@@ -175,8 +182,7 @@ def linear_forward(params: dict[str, jax.Array], context: jax.Array,
   if sum(heads) != n:
     raise ValueError(f'heads must sum to the number of stacked heads ({n}), got '
                      f'{heads!r}.')
-  q = jnp.einsum('nij,bj->bni', params['Q'], query)  # [B, N, D]
-  q_fold = jnp.einsum('nji,bnj->bni', params['K'], q)  # [B, N, D]
+  q_fold = _folded_query(params, query)  # [B, N, D]
   scores = jnp.einsum('bni,bli->bnl', q_fold, context) / math.sqrt(dd)  # [B,N,L]
   if mask is not None:
     scores = scores * mask[:, None, :].astype(scores.dtype)

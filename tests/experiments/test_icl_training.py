@@ -50,6 +50,26 @@ def test_joint_training_equals_separate_and_seeds_are_independent():
                          joint['params']['softmax']['Q'][1])
 
 
+def test_result_does_not_depend_on_the_device_count():
+  """The batch pieces split over 1, 2 or 8 devices: the same training run."""
+  spec = _spec(seeds=(3,), steps=20)
+  assert training.data_pieces(spec.batch) == 8
+  runs = {}
+  for n in (1, 2, 8):
+    runs[n], timing = training.train(spec, None, verbose=False, max_devices=n)
+    assert timing['mesh'] == {'seed': 1, 'data': n}
+  for n in (2, 8):
+    for a, b in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[n])):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  # Two seeds on 8 devices: seeds split over 2, pieces over 4.
+  mesh = training.make_mesh(_spec(), max_devices=8)
+  assert dict(mesh.shape) == {'seed': 2, 'data': 4}
+  # Batches not divisible by 8 use fewer pieces.
+  assert [training.data_pieces(b) for b in (12, 6, 5)] == [4, 2, 1]
+  with pytest.raises(ValueError, match='max_devices'):
+    training.make_mesh(spec, max_devices=0)
+
+
 @pytest.mark.parametrize('kw,match', [
     (dict(steps=25), 'multiple of log_every'),
     (dict(heads=()), 'heads'),

@@ -30,6 +30,30 @@ def test_cluster_env():
     distributed.cluster_env(dict(env, JAX_PROCESS_ID='2'))
 
 
+def test_use_cpu_cores():
+  # In this process XLA_FLAGS forces 8 devices (conftest): nothing changes.
+  assert distributed.use_cpu_cores() is None
+  with pytest.raises(ValueError, match='count must be a positive int'):
+    os.environ['XLA_FLAGS'], saved = '', os.environ.get('XLA_FLAGS', '')
+    try:
+      distributed.use_cpu_cores(0)
+    finally:
+      os.environ['XLA_FLAGS'] = saved
+  # A fresh process gets one device per requested core; set twice is harmless,
+  # after the first JAX op the call is a no-op.
+  code = textwrap.dedent('''
+      from launch import distributed
+      assert distributed.use_cpu_cores(3) == 3
+      import jax
+      print(len(jax.devices()), distributed.use_cpu_cores(2))
+  ''')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = REPO
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, env=env, cwd=REPO, check=True)
+  assert out.stdout.split() == ['3', 'None']
+
+
 def test_process_env_replaces_device_count():
   env = local.process_env(
       {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --foo'},
