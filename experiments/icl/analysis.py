@@ -83,8 +83,13 @@ def model_summary(params: dict[str, np.ndarray], heads: Sequence[int], d: int,
                                                      keepdims=True)
     kq = np.asarray(model.kq_matrices(params))[..., sl, :, :]  # [S, H, D, D]
     diag_m, ident_m = _offdiag_masks(kq.shape[-1], d)
-    diag_mass = np.sum(np.where(diag_m, kq, 0.0) ** 2, (-3, -2, -1))
-    off_mass = np.sum(np.where(ident_m & ~diag_m, kq, 0.0) ** 2, (-3, -2, -1))
+    diag_head = np.sum(np.where(diag_m, kq, 0.0) ** 2, (-2, -1))  # [S, H]
+    off_head = np.sum(np.where(ident_m & ~diag_m, kq, 0.0) ** 2, (-2, -1))
+    diag_mass, off_mass = diag_head.sum(-1), off_head.sum(-1)  # [S]
+    # Pooled over the active heads only: a dummy head (omega ~ 0) has no diagonal to
+    # speak of, and its ratio says nothing about the mechanism.
+    diag_active = np.sum(np.where(active, diag_head, 0.0), -1)
+    off_active = np.sum(np.where(active, off_head, 0.0), -1)
     rows.append({
         'heads': h,
         'omega': omega.tolist(),
@@ -97,6 +102,8 @@ def model_summary(params: dict[str, np.ndarray], heads: Sequence[int], d: int,
         'offdiag_ratio_per_head': s['offdiag_ratio'][..., sl].tolist(),
         'offdiag_ratio': np.sqrt(off_mass / np.maximum(diag_mass, 1e-12)
                                  ).tolist(),
+        'offdiag_ratio_active_heads': np.sqrt(
+            off_active / np.maximum(diag_active, 1e-12)).tolist(),
         'offdiag_ratio_full_per_head': s['offdiag_ratio_full'][..., sl].tolist(),
         'diag_cv_per_head': s['diag_cv'][..., sl].tolist(),
         'last_share_per_head': s['last_share'][..., sl].tolist(),

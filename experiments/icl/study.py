@@ -103,12 +103,14 @@ def _verdicts(rows: list[dict[str, Any]], pair: dict[str, float] | None,
     active = np.asarray(r['active_heads'], bool)
     share = np.asarray(r['last_share_per_head'])
     v['per_heads'][str(r['heads'])] = {
-        'kq_diagonal': bool(np.mean(r['offdiag_ratio']) < OFFDIAG_MAX),
+        'kq_diagonal': bool(np.mean(r['offdiag_ratio_active_heads']) <
+                            OFFDIAG_MAX),
         'ov_last_entry_active_heads': bool(np.mean(share[active]) >
                                            LAST_SHARE_MIN),
         'zero_sum': bool(np.mean(np.abs(r['sum_mu_over_sum_abs_mu'])) <
                          ZERO_SUM_MAX),
         'num_active_heads_per_seed': np.sum(active, -1).tolist(),
+        'num_dummy_heads_per_seed': np.sum(~active, -1).tolist(),
     }
   if pair is not None:
     v['h2_pairing_opposite_signs'] = bool(pair['opposite_omega'] and

@@ -135,6 +135,29 @@ def test_effective_preconditioner_and_pairing():
     analysis.pairing([1.0], [1.0])
 
 
+def test_model_summary_active_and_dummy_heads():
+  """Active heads by |omega mu|; the KQ off-diagonal ratio pooled over them only."""
+  d, dd = 3, 4
+  kq = np.zeros((3, dd, dd))
+  kq[0, :d, :d] = 0.5 * np.eye(d)
+  kq[1, :d, :d] = -0.5 * np.eye(d) + 0.01  # small off-diagonal leak
+  kq[2, :d, :d] = 0.3 * (np.ones((d, d)) - np.eye(d))  # a dummy: no diagonal
+  ov = np.zeros((3, 1, dd))
+  ov[:, 0, -1] = [2.0, -2.0, 1e-3]
+  # Q = I, K = KQ gives Q^T K = KQ; O = OV, V = I gives O V = OV.
+  p = {'Q': np.broadcast_to(np.eye(dd), (1, 3, dd, dd)),
+       'K': kq[None], 'V': np.broadcast_to(np.eye(dd), (1, 3, dd, dd)),
+       'O': ov[None]}
+  (row,) = analysis.model_summary(p, (3,), d)
+  assert row['active_heads'] == [[True, True, False]]
+  off = 0.01 ** 2 * (d * d - d)
+  diag = 0.25 * d + (0.49 ** 2) * d
+  np.testing.assert_allclose(row['offdiag_ratio_active_heads'],
+                             [np.sqrt(off / diag)], rtol=1e-5)
+  assert row['offdiag_ratio'][0] > 0.5  # pooled over every head: the dummy dominates
+  np.testing.assert_allclose(row['sum_mu'], [1e-3], atol=1e-7)
+
+
 def test_bad_inputs():
   x, y, xq = (jnp.asarray(a) for a in _problem(7))
   with pytest.raises(ValueError, match='x must'):
