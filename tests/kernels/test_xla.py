@@ -338,9 +338,10 @@ def test_only_active_tiles_visited_and_bitmaps_only_in_partial_tiles():
 
 def test_automatic_blocks_and_no_t_by_s_intermediates():
   assert xla.default_block_sizes(100, 3000) == (104, 256)
-  # A narrow window prefers small tiles; causal keeps the large ones.
-  assert xla.block_sizes_for(4096, 4096, _window(4096, 4096, 60)) == (128, 128)
-  assert xla.block_sizes_for(4096, 4096, _window(4096, 4096, 511)) == (256, 256)
+  # Windows get chunks of smaller kv blocks; causal keeps 256 x 256, one per step.
+  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 60))[2] > 1
+  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 511)) == (128, 128, 5)
+  assert xla.tiling_for(4096, 4096, base.causal(4096)) == (256, 256, 1)
   assert xla.block_sizes_for(4096, 4096, base.causal(4096)) == (256, 256)
   t = 2048
   q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
@@ -420,5 +421,8 @@ def test_helpers_validate_inputs(call, error, match):
 def test_visited_fraction_matches_block_count():
   # 4 x 4 tiles of 8 over a causal 32 x 32 mask: 10 of 16 tiles are active.
   assert xla.visited_fraction(32, 32, base.causal(32), block_q=8,
-                              block_kv=8) == 10 / 16
+                              block_kv=8, kv_chunk=1) == 10 / 16
+  # Chunks of 4 blocks start at block 0 of every row: the whole area.
+  assert xla.visited_fraction(32, 32, base.causal(32), block_q=8,
+                              block_kv=8, kv_chunk=4) == 1.0
   assert xla.visited_fraction(32, 32, None, block_q=8, block_kv=8) == 1.0
