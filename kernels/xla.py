@@ -20,6 +20,15 @@ several of them ("lanes", grouped by similar work, padding steps masked) share e
 step. On XLA:CPU one 256 x 256 tile per step was fastest (a 2-core machine), so lanes
 are only used by default when tiles are tiny.
 
+KV chunks (forward only): a step may cover `kv_chunk` consecutive kv blocks of one
+query block, read as one dynamic slice of the keys, with a [block_q, kv_chunk *
+block_kv] bitmap concatenated from the member blocks (FULL: all True, EMPTY: all False)
+and deduplicated; chunks made only of FULL blocks skip mask work. A sliding window then
+costs one step per query block over about its window + block_q keys instead of several
+block-aligned tiles. `tiling_for` picks (block_q, block_kv, kv_chunk) with a small
+fitted cost model; causal masks keep 256 x 256 tiles one per step. Loops whose trip
+count is the same for every query block are static (a single step is inlined).
+
 Einsum letters: c lane, b batch, k kv head, g query heads per kv head, m rows of a lane
 (g * block_q), q / j query / key position within a tile, h head dim, v value head dim.
 """
