@@ -105,9 +105,12 @@ def _chunk_work(state: np.ndarray, pidx: np.ndarray, chunk: int,
   """Per-row work of `chunk` consecutive kv blocks per step (forward pass).
 
   Each row's active blocks are covered greedily by chunks starting at the first
-  uncovered active block. A chunk whose members are all FULL needs no mask; any other
-  chunk gets the concatenation of its members' bitmaps (FULL: all True, EMPTY or past
-  the last block: all False), deduplicated through `registry` into `chunk_bitmaps`.
+  uncovered active block a; a chunk that would run past the last kv block starts
+  earlier, at max(0, nk - chunk), so that keys need no padding, and the blocks before a
+  it then spans (already covered or EMPTY) are masked out. A chunk whose members are all
+  FULL needs no mask; any other chunk gets the concatenation of its members' bitmaps
+  (FULL: all True, EMPTY, not owned or past the last block: all False), deduplicated
+  through `registry` into `chunk_bitmaps`.
   """
   rows, nk = state.shape
   bq, bk = block_bitmaps.shape[1:]
@@ -119,20 +122,23 @@ def _chunk_work(state: np.ndarray, pidx: np.ndarray, chunk: int,
     i = 0
     while i < len(active):
       a = int(active[i])
-      members = [int(state[r, c]) if c < nk else EMPTY for c in range(a, a + chunk)]
+      start = max(0, min(a, nk - chunk))
+      members = [int(state[r, c]) if a <= c < nk else EMPTY
+                 for c in range(start, start + chunk)]
       if all(x == FULL for x in members):
-        f.append(a)
+        f.append(start)
       else:
         bitmap = np.concatenate(
             [ones if x == FULL else zeros if x == EMPTY else
-             block_bitmaps[pidx[r, a + j]] for j, x in enumerate(members)], axis=1)
+             block_bitmaps[pidx[r, start + j]] for j, x in enumerate(members)],
+            axis=1)
         key = bitmap.tobytes()
         if key not in registry:
           registry[key] = len(chunk_bitmaps)
           chunk_bitmaps.append(bitmap)
-        p.append(a)
+        p.append(start)
         pb.append(registry[key])
-      while i < len(active) and active[i] < a + chunk:
+      while i < len(active) and active[i] < start + chunk:
         i += 1
     full.append(np.asarray(f, np.int64))
     part.append(np.asarray(p, np.int64))
@@ -553,8 +559,8 @@ class _Tiles:
 
   A step's tile is block_q rows by `chunk` consecutive kv blocks (width chunk *
   block_kv). With chunk == 1, keys / values are blocks [nk + 1, B, K, bk, D] and kv
-  segments [nk + 1, B, bk], gathered per step; with chunk > 1 they are [B, K, S', D]
-  and [B, S'] (S' = (nk + chunk) * bk) and each step takes one dynamic slice.
+  segments [nk + 1, B, bk], gathered per step; with chunk > 1 they are [B, S', K, D]
+  and [B, S'] (see `_prepare`) and each step takes one dynamic slice.
   """
 
   def __init__(self, cfg: _Config, grp: _HeadGroup, *, k_src, v_src, bias,
@@ -595,7 +601,10 @@ class _Tiles:
 
   def kv(self, src, cols):
     """Key or value tiles [C, B, Ku, width, D] of the steps starting at `cols`."""
-    x = src[cols] if self.chunk == 1 else self._span(src, cols, 2)
+    if self.chunk == 1:
+      x = src[cols]
+    else:
+      x = self._span(src, cols, 1).transpose(0, 1, 3, 2, 4)  # [C, B, K, W, D]
     if not self.grp.all_kv:
       x = jnp.take(x, jnp.asarray(self.grp.kv_heads), axis=2)
     return x
@@ -711,6 +720,26 @@ def _group_q(q_blocks, grp: _HeadGroup):
   return x.reshape(r, b, len(grp.kv_heads), grp.group_size * bq, d)
 
 
+def _q_tiles(q: jax.Array, rows: jax.Array, grp: _HeadGroup, bq: int) -> jax.Array:
+  """[B, T', N, H] -> this group's query tiles [C, B, Ku, gu * bq, H] of `rows`.
+
+  Padding lanes (row nq) read a clamped slice; their results are discarded.
+  """
+  b, _, n, h = q.shape
+
+  def one(r):
+    x = jax.lax.dynamic_slice_in_dim(q, r.astype(jnp.int32) * bq, bq,
+                                     axis=1)  # [B, bq, N, H]
+    if not np.array_equal(grp.heads, np.arange(n)):
+      x = jnp.take(x, jnp.asarray(grp.heads), axis=2)
+    x = x.transpose(0, 2, 1, 3)  # [B, Nu, bq, H]
+    return x.reshape(b, len(grp.kv_heads), grp.group_size * bq, h)
+
+  if rows.shape[0] == 1:
+    return one(rows[0])[None]
+  return jax.vmap(one)(rows)
+
+
 def _group_kv(blocks, grp: _HeadGroup):
   """[nk + 1, B, K, bk, D] -> [nk + 1, B, Ku, bk, D] for this group."""
   if grp.all_kv:
@@ -740,30 +769,28 @@ def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, chunk: int = 1):
   """Casts, scales and lays out the inputs (shared by forward and backward).
 
   With chunk == 1, k / v come back as blocks [nk + 1, B, K, bk, D] and kv segments as
-  [nk + 1, B, bk]; with chunk > 1 as [B, K, (nk + chunk) * bk, D] and [B, (nk + chunk)
-  * bk], so that a chunk starting at any kv block can be sliced without clamping.
+  [nk + 1, B, bk]; with chunk > 1 as [B, S', K, D] and [B, S'] with S' = max(nk,
+  chunk) * bk, which holds every chunk (`_chunk_work` never starts one past nk - chunk).
   """
   plan = cfg.plan
   cdt = _compute_dtype(q, k, v, bias)
   alpha = cfg.scale / cfg.soft_cap if cfg.soft_cap is not None else cfg.scale
   nq, nk = plan.num_q_blocks, plan.num_kv_blocks
   bq, bk = plan.block_q, plan.block_kv
-  t_pad, s_pad = nq * bq, (nk + chunk - 1) * bk
+  t_pad, s_pad = nq * bq, max(nk, chunk) * bk
   q_blocks = _blocks(q.astype(cdt) * jnp.asarray(alpha, cdt), bq, nq)
   if chunk == 1:
     k_src = _blocks(k.astype(cdt), bk, nk)
     v_src = _blocks(v.astype(cdt), bk, nk)
-  else:
-    k_src = _pad_axis(k.astype(cdt).transpose(0, 2, 1, 3), 2,
-                      (nk + chunk) * bk)  # [B, K, S', H]
-    v_src = _pad_axis(v.astype(cdt).transpose(0, 2, 1, 3), 2,
-                      (nk + chunk) * bk)  # [B, K, S', Hv]
+  else:  # Chunks lie inside [0, s_pad): no copy when S is already s_pad long.
+    k_src = _pad_axis(k.astype(cdt), 1, s_pad)  # [B, S', K, H]
+    v_src = _pad_axis(v.astype(cdt), 1, s_pad)  # [B, S', K, Hv]
   bias = _pad_tiled(None if bias is None else bias.astype(cdt), t_pad, s_pad, 0)
   mask = _pad_tiled(mask, t_pad, s_pad, False)
   if q_seg is not None:
     q_seg = _pad_axis(q_seg, 1, (nq + 1) * bq, -1).reshape(
         q_seg.shape[0], nq + 1, bq).transpose(1, 0, 2)  # [nq + 1, B, bq]
-    kv_seg = _pad_axis(kv_seg, 1, (nk + chunk) * bk, -2)  # [B, S']
+    kv_seg = _pad_axis(kv_seg, 1, s_pad + (bk if chunk == 1 else 0), -2)
     if chunk == 1:
       kv_seg = kv_seg.reshape(kv_seg.shape[0], nk + 1, bk).transpose(
           1, 0, 2)  # [nk + 1, B, bk]
@@ -780,9 +807,11 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
   plan = cfg.plan
   b, t, n, _ = q.shape
   hv = v.shape[-1]
-  (cdt, _, q_blocks, k_src, v_src, bias_p, mask_p, q_seg_b,
+  (cdt, alpha, _, k_src, v_src, bias_p, mask_p, q_seg_b,
    kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg, plan.kv_chunk)
   bq = plan.block_q
+  # Query tiles are sliced per step from [B, T', N, H] (no blocked copy of q).
+  q_src = _pad_axis(q, 1, plan.num_q_blocks * bq)
   outs, lses = [], []
   for grp in plan.groups:
     tiles = _Tiles(cfg, grp, k_src=k_src, v_src=v_src, bias=bias_p, mask=mask_p,
@@ -792,7 +821,6 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
     ku, gu = tiles.ku, tiles.gu
     lanes = lists.order.shape[1]
     xs = _lists_xs(lists)
-    xs['q'] = _regroup(_group_q(q_blocks, grp), lists.order)
     row_shape = (lanes, b, ku, gu, bq)
     if sinks is not None:
       sink = sinks.astype(cdt)[jnp.asarray(grp.heads)].reshape(ku, gu)
@@ -803,8 +831,10 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
       l0 = jnp.zeros(row_shape, cdt)
     o0 = jnp.zeros((lanes, b, ku, gu * bq, hv), cdt)
 
-    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists):
-      rows, qt = x['rows'], x['q']
+    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists, grp=grp):
+      rows = x['rows']
+      qt = _q_tiles(q_src, rows, grp, bq).astype(cdt) * jnp.asarray(
+          alpha, cdt)  # [C, B, Ku, gu * bq, H]
 
       def body(carry, cols, bitmap_ids, valid):
         m, l, o = carry
