@@ -89,7 +89,10 @@ def _grad_of(fn):
 
 def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
                 sweep: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
-  """Causal forward vs jax.nn, fwd+bwd ratio, a (block_q, block_kv, kv_chunk, lanes) sweep."""
+  """Causal forward vs jax.nn, fwd+bwd ratio, a tiling sweep.
+
+  `sweep` lists (block_q, block_kv, kv_chunk, lanes).
+  """
   q, k, v = _inputs(1, t, n, h)
   scale = h**-0.5
   mask = masks_base.causal(t)
@@ -112,7 +115,8 @@ def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
       target_fraction_of_matmul=0.4, max_abs_err_vs_jax_nn=err,
       meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.4)),
           dict(name=f'causal_fwd_bwd_T{t}_N{n}_H{h}', block_q=blocks[0],
-               block_kv=blocks[1], kv_chunk=blocks[2], seconds=t_grad, fwd_seconds=t_ours,
+               block_kv=blocks[1], kv_chunk=blocks[2], seconds=t_grad,
+               fwd_seconds=t_ours,
                fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.0,
                effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
                meets_target=bool(t_grad / t_ours <= 3.0))]
