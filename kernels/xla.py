@@ -20,6 +20,15 @@ several of them ("lanes", grouped by similar work, padding steps masked) share e
 step. On XLA:CPU one 256 x 256 tile per step was fastest (a 2-core machine), so lanes
 are only used by default when tiles are tiny.
 
+KV chunks (forward only): a step may cover `kv_chunk` consecutive kv blocks of one
+query block, read as one dynamic slice of the keys, with a [block_q, kv_chunk *
+block_kv] bitmap concatenated from the member blocks (FULL: all True, EMPTY: all False)
+and deduplicated; chunks made only of FULL blocks skip mask work. A sliding window then
+costs one step per query block over about its window + block_q keys instead of several
+block-aligned tiles. `tiling_for` picks (block_q, block_kv, kv_chunk) with a small
+fitted cost model; causal masks keep 256 x 256 tiles one per step. Loops whose trip
+count is the same for every query block are static (a single step is inlined).
+
 Einsum letters: c lane, b batch, k kv head, g query heads per kv head, m rows of a lane
 (g * block_q), q / j query / key position within a tile, h head dim, v value head dim.
 """
@@ -82,12 +91,65 @@ class _Lists:
   part_trips: np.ndarray
 
 
-def _build_lists(state: np.ndarray, pidx: np.ndarray, lanes: int,
-                 empty_bitmap: int) -> _Lists:
-  """Groups rows of `state` [R, Cc] into lanes of similar work (sorted by count)."""
+def _block_work(state: np.ndarray, pidx: np.ndarray):
+  """Per-row (full cols, partial cols, partial bitmap ids) of one tile per step."""
   rows = state.shape[0]
   full = [np.nonzero(state[r] == FULL)[0] for r in range(rows)]
   part = [np.nonzero(state[r] == PARTIAL)[0] for r in range(rows)]
+  return full, part, [pidx[r][part[r]] for r in range(rows)]
+
+
+def _chunk_work(state: np.ndarray, pidx: np.ndarray, chunk: int,
+                block_bitmaps: np.ndarray, registry: dict[bytes, int],
+                chunk_bitmaps: list[np.ndarray]):
+  """Per-row work of `chunk` consecutive kv blocks per step (forward pass).
+
+  Each row's active blocks are covered greedily by chunks starting at the first
+  uncovered active block a; a chunk that would run past the last kv block starts
+  earlier, at max(0, nk - chunk), so that keys need no padding, and the blocks before a
+  it then spans (already covered or EMPTY) are masked out. A chunk whose members are all
+  FULL needs no mask; any other chunk gets the concatenation of its members' bitmaps
+  (FULL: all True, EMPTY, not owned or past the last block: all False), deduplicated
+  through `registry` into `chunk_bitmaps`.
+  """
+  rows, nk = state.shape
+  bq, bk = block_bitmaps.shape[1:]
+  ones, zeros = np.ones((bq, bk), bool), np.zeros((bq, bk), bool)
+  full, part, part_bm = [], [], []
+  for r in range(rows):
+    f, p, pb = [], [], []
+    active = np.nonzero(state[r] != EMPTY)[0]
+    i = 0
+    while i < len(active):
+      a = int(active[i])
+      start = max(0, min(a, nk - chunk))
+      members = [int(state[r, c]) if a <= c < nk else EMPTY
+                 for c in range(start, start + chunk)]
+      if all(x == FULL for x in members):
+        f.append(start)
+      else:
+        bitmap = np.concatenate(
+            [ones if x == FULL else zeros if x == EMPTY else
+             block_bitmaps[pidx[r, start + j]] for j, x in enumerate(members)],
+            axis=1)
+        key = bitmap.tobytes()
+        if key not in registry:
+          registry[key] = len(chunk_bitmaps)
+          chunk_bitmaps.append(bitmap)
+        p.append(start)
+        pb.append(registry[key])
+      while i < len(active) and active[i] < start + chunk:
+        i += 1
+    full.append(np.asarray(f, np.int64))
+    part.append(np.asarray(p, np.int64))
+    part_bm.append(np.asarray(pb, np.int64))
+  return full, part, part_bm
+
+
+def _build_lists(full: list[np.ndarray], part: list[np.ndarray],
+                 part_bm: list[np.ndarray], lanes: int, empty_bitmap: int) -> _Lists:
+  """Groups rows (per-row FULL / PARTIAL step lists) into lanes of similar work."""
+  rows = len(full)
   order = sorted(range(rows), key=lambda r: (len(full[r]), len(part[r]), r))
   lanes = max(1, min(lanes, rows))
   num_groups = -(-rows // lanes)
@@ -117,7 +179,7 @@ def _build_lists(state: np.ndarray, pidx: np.ndarray, lanes: int,
   fcols, fvalid, ftrips, _ = fill(full, None)
   needs_valid = any(
       not fvalid[g, :ftrips[g]].all() for g in range(num_groups))
-  pcols, _, ptrips, pbms = fill(part, [pidx[r][part[r]] for r in range(rows)])
+  pcols, _, ptrips, pbms = fill(part, part_bm)
   arrays = [order, fcols, fvalid, ftrips, pcols, pbms, ptrips]
   for a in arrays:
     a.setflags(write=False)
@@ -151,9 +213,13 @@ class _Plan:
   """Everything static about one call: blocks, bitmaps, head groups, lists."""
   block_q: int
   block_kv: int
+  kv_chunk: int  # kv blocks per forward step (1: one tile per step).
   num_q_blocks: int
   num_kv_blocks: int
   bitmaps: np.ndarray  # bool [P + 1, block_q, block_kv]; the last is all False.
+  # bool [Pc + 1, block_q, kv_chunk * block_kv] of the forward chunks (the last all
+  # False); `bitmaps` itself when kv_chunk == 1.
+  chunk_bitmaps: np.ndarray
   groups: tuple[_HeadGroup, ...]
   head_order: np.ndarray | None  # int32 [N]: concat(groups.heads); None if identity.
   visited_tiles: int  # active tiles summed over unique structures (for reporting).
@@ -185,7 +251,7 @@ def _lanes_for(rows: int, tile_elements: int) -> int:
 @functools.lru_cache(maxsize=128)
 def _make_plan(mask_obj: masks_base.Mask, num_heads: int, num_kv_heads: int,
                block_q: int, block_kv: int, batch_heads: int,
-               lanes: int | None) -> _Plan:
+               lanes: int | None, kv_chunk: int = 1) -> _Plan:
   """Compiles the mask and builds the lane-grouped work lists (cached)."""
   bm = masks_block.compile_mask(
       mask_obj, block_q, block_kv,
@@ -197,26 +263,49 @@ def _make_plan(mask_obj: masks_base.Mask, num_heads: int, num_kv_heads: int,
   bitmaps = np.concatenate(
       [bm.partial_masks, np.zeros((1, block_q, block_kv), bool)])
   bitmaps.setflags(write=False)
+  registry: dict[bytes, int] = {}
+  chunk_list: list[np.ndarray] = []
   group = num_heads // num_kv_heads
   groups = []
   for u in sorted(set(head_map.tolist())):
     heads = [h for h in range(num_heads) if head_map[h] == u]
     order, kvs, gu, all_kv = _arrange(heads, group, num_kv_heads)
     tile = batch_heads * len(heads) // num_heads * block_q * block_kv
-    fwd_lanes = lanes if lanes is not None else _lanes_for(nq, tile)
+    fwd_lanes = (lanes if lanes is not None else
+                 _lanes_for(nq, tile * kv_chunk))
     bwd_lanes = lanes if lanes is not None else _lanes_for(nk, tile)
     state, pidx = bm.block_state[u], bm.partial_index[u]
+    fwd = (_block_work(state, pidx) if kv_chunk == 1 else
+           _chunk_work(state, pidx, kv_chunk, bitmaps, registry, chunk_list))
     groups.append(_HeadGroup(
         heads=order, kv_heads=kvs, group_size=gu, all_kv=all_kv,
-        fwd=_build_lists(state, pidx, fwd_lanes, num_bitmaps),
-        bwd=_build_lists(state.T, pidx.T, bwd_lanes, num_bitmaps)))
+        fwd=_build_lists(*fwd, fwd_lanes, -1),
+        bwd=_build_lists(*_block_work(state.T, pidx.T), bwd_lanes, num_bitmaps)))
+  if kv_chunk == 1:
+    chunk_bitmaps = bitmaps
+  else:
+    chunk_bitmaps = np.stack(
+        chunk_list + [np.zeros((block_q, kv_chunk * block_kv), bool)])
+    chunk_bitmaps.setflags(write=False)
+  # Padding steps of the forward lists read the last (all-False) bitmap.
+  empty_fwd = chunk_bitmaps.shape[0] - 1
+  groups = [dataclasses.replace(g, fwd=_with_empty_bitmap(g.fwd, empty_fwd))
+            for g in groups]
   head_order = np.concatenate([g.heads for g in groups]).astype(np.int32)
   if np.array_equal(head_order, np.arange(num_heads)):
     head_order = None
   visited = int((bm.block_state != EMPTY).sum())
-  return _Plan(block_q=block_q, block_kv=block_kv, num_q_blocks=nq,
-               num_kv_blocks=nk, bitmaps=bitmaps, groups=tuple(groups),
+  return _Plan(block_q=block_q, block_kv=block_kv, kv_chunk=kv_chunk,
+               num_q_blocks=nq, num_kv_blocks=nk, bitmaps=bitmaps,
+               chunk_bitmaps=chunk_bitmaps, groups=tuple(groups),
                head_order=head_order, visited_tiles=visited)
+
+
+def _with_empty_bitmap(lists: _Lists, empty: int) -> _Lists:
+  """Replaces the placeholder bitmap id -1 of padding steps by `empty`."""
+  bms = np.where(lists.part_bitmap < 0, empty, lists.part_bitmap).astype(np.int32)
+  bms.setflags(write=False)
+  return dataclasses.replace(lists, part_bitmap=bms)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -252,27 +341,143 @@ def _check_mask_obj(mask_obj: Any, q_len: int, kv_len: int) -> None:
                      f'{tuple(mask_obj.shape)}.')
 
 
+# Cost model of one forward step on XLA:CPU, in units of one logit of a 256 x 256 FULL
+# tile inside a long loop (fitted to side-by-side timings of causal, dense and
+# sliding-window masks at T = 4096 / 16384, N = 8, H = 64 on the 2-core machine; see
+# experiments/benchmarks/xla_attention.py): a per-logit rate by tile rows (small
+# matmuls and the row-wise softmax work are less efficient), a surcharge for tiles of
+# more than 2^16 logits per head (they fall out of cache), the mask work of partial
+# steps, a fixed cost per step, and a fixed cost per row for each loop whose trip count
+# varies between rows (a static single step is inlined).
+_ROW_RATE = ((32, 2.2), (64, 1.6), (128, 1.1), (256, 1.0))
+_WIDE_ROW_RATE = 1.03  # more than 256 rows
+_BIG_TILE = 1 << 16
+_BIG_TILE_RATE = 0.1  # per doubling above _BIG_TILE
+_MASK_RATE = 0.075
+_STEP_COST = 3000.0
+_LOOP_COST = 40000.0
+_MAX_CHUNK_KEYS = 1024
+_BLOCK_CANDIDATES = (64, 128, 256)
+_CHUNK_CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+
+
+def _step_rate(block_q: int, width: int) -> float:
+  rate = next((r for rows, r in _ROW_RATE if block_q <= rows), _WIDE_ROW_RATE)
+  tile = block_q * width
+  if tile > _BIG_TILE:
+    rate *= 1.0 + _BIG_TILE_RATE * float(np.log2(tile / _BIG_TILE))
+  return rate
+
+
+def _chunk_counts(state: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per row of state [R, C]: (#all-FULL chunks, #other chunks) of the greedy cover."""
+  rows, cols = state.shape
+  if chunk == 1:
+    return (state == FULL).sum(axis=1), (state == PARTIAL).sum(axis=1)
+  full_prefix = np.concatenate(
+      [np.zeros((rows, 1), np.int64), np.cumsum(state == FULL, axis=1)], axis=1)
+  n_full = np.zeros((rows,), np.int64)
+  n_part = np.zeros((rows,), np.int64)
+  for r in range(rows):
+    active = np.nonzero(state[r] != EMPTY)[0]
+    if not len(active):
+      continue
+    if active[-1] - active[0] + 1 == len(active):  # contiguous: starts every chunk
+      starts = np.arange(active[0], active[-1] + 1, chunk)
+    else:
+      starts, i = [], 0
+      while i < len(active):
+        starts.append(int(active[i]))
+        i = int(np.searchsorted(active, starts[-1] + chunk))
+      starts = np.asarray(starts)
+    ends = starts + chunk
+    inside = ends <= cols
+    full = np.zeros(starts.shape, bool)
+    full[inside] = (full_prefix[r, ends[inside]] -
+                    full_prefix[r, starts[inside]]) == chunk
+    n_full[r] = int(full.sum())
+    n_part[r] = len(starts) - n_full[r]
+  return n_full, n_part
+
+
+def _structures(mask_obj: masks_base.Mask, block_q: int, block_kv: int):
+  """(block_state [U, nq, nk], heads per structure [U]) of the compiled mask."""
+  bm = masks_block.compile_mask(mask_obj, block_q, block_kv)
+  weights = np.bincount(np.asarray(bm.head_map), minlength=bm.block_state.shape[0])
+  return bm.block_state, weights
+
+
+def _tiling_cost(mask_obj: masks_base.Mask, block_q: int, block_kv: int,
+                kv_chunk: int) -> float:
+  """Modelled forward time of a tiling (relative units; see `_ROW_RATE`)."""
+  states, weights = _structures(mask_obj, block_q, block_kv)
+  width = kv_chunk * block_kv
+  elements = block_q * width
+  per_step = elements * _step_rate(block_q, width) + _STEP_COST
+  total = 0.0
+  for state, weight in zip(states, weights):
+    if not weight:
+      continue
+    n_full, n_part = _chunk_counts(state, kv_chunk)
+    loops = sum(int(not (n == n[0]).all()) for n in (n_full, n_part))
+    total += weight * (per_step * float(n_full.sum() + n_part.sum()) +
+                       _MASK_RATE * elements * float(n_part.sum()) +
+                       _LOOP_COST * loops * state.shape[0])
+  return total / float(weights.sum())
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
+                 block_q: int | None, block_kv: int | None,
+                 kv_chunk: int | None) -> tuple[int, int, int]:
+  big_q, big_kv = default_block_sizes(q_len, kv_len)
+  if mask_obj is None:  # Everything visible: the large tile, one per step.
+    return block_q or big_q, block_kv or big_kv, kv_chunk or 1
+  qs = [block_q] if block_q else sorted(
+      {min(c, big_q) for c in _BLOCK_CANDIDATES}, reverse=True)
+  ks = [block_kv] if block_kv else sorted(
+      {min(c, big_kv) for c in _BLOCK_CANDIDATES}, reverse=True)
+  best, best_cost = None, float('inf')
+  for bq in qs:
+    for bk in ks:
+      nk = -(-kv_len // bk)
+      if kv_chunk:
+        chunks = [kv_chunk]
+      else:
+        chunks = [m for m in _CHUNK_CANDIDATES
+                  if m == 1 or (m * bk <= _MAX_CHUNK_KEYS and m <= nk)]
+      for m in chunks:
+        cost = _tiling_cost(mask_obj, bq, bk, m)
+        if cost < best_cost * (1 - 1e-9):  # ties keep the earlier (larger, m=1)
+          best, best_cost = (bq, bk, m), cost
+  return best
+
+
+def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
+               block_q: int | None = None, block_kv: int | None = None,
+               kv_chunk: int | None = None) -> tuple[int, int, int]:
+  """Automatic (block_q, block_kv, kv_chunk): the cheapest tiling by the cost model.
+
+  Candidates are tiles of 64 / 128 / 256 rows and keys (capped at the 8-aligned
+  lengths) and chunks of 1..16 consecutive kv blocks (at most 1024 keys per step);
+  `_tiling_cost` prices the steps each would run on this mask. Without a mask the
+  256 x 256 tile is used; causal masks keep it too (the model's tie-break prefers
+  larger blocks and one block per step), while sliding windows and other bands get
+  a chunk that covers a query block's keys in one step. Given arguments are kept.
+  """
+  _check_length('q_len', q_len)
+  _check_length('kv_len', kv_len)
+  _check_mask_obj(mask_obj, q_len, kv_len)
+  block_q = _check_block_arg('block_q', block_q)
+  block_kv = _check_block_arg('block_kv', block_kv)
+  kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
+  return _auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv, kv_chunk)
+
+
 def block_sizes_for(q_len: int, kv_len: int,
                     mask_obj: masks_base.Mask | None) -> tuple[int, int]:
-  """Automatic block sizes for a mask: the cheaper of two tilings by visited area.
-
-  Sparse masks (e.g. sliding windows) waste much of a 256 x 256 tile, so 128 x 128
-  tiles are used when they visit at most 60% of the area 256 x 256 tiles would (the
-  smaller tiles run about 1.3-1.6x slower per element on CPU).
-  """
-  big = default_block_sizes(q_len, kv_len)
-  _check_mask_obj(mask_obj, q_len, kv_len)
-  if mask_obj is None:
-    return big
-  small = (min(128, big[0]), min(128, big[1]))
-  if small == big:
-    return big
-
-  def area(bq, bk):
-    bm = masks_block.compile_mask(mask_obj, bq, bk)
-    return int((bm.block_state[bm.head_map] != EMPTY).sum()) * bq * bk
-
-  return small if area(*small) <= 0.6 * area(*big) else big
+  """Automatic (block_q, block_kv) of `tiling_for` (kv_chunk is its third value)."""
+  return tiling_for(q_len, kv_len, mask_obj)[:2]
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,21 +555,40 @@ def _pad_tiled(x: jax.Array | None, t_pad: int, s_pad: int, value):
 
 
 class _Tiles:
-  """Per-call arrays in blocked layout and the tile-level logit computation."""
+  """Per-call arrays in blocked layout and the tile-level logit computation.
 
-  def __init__(self, cfg: _Config, grp: _HeadGroup, *, k_blocks, v_blocks, bias,
-               mask, q_seg, kv_seg, batch: int):
+  A step's tile is block_q rows by `chunk` consecutive kv blocks (width chunk *
+  block_kv). With chunk == 1, keys / values are blocks [nk + 1, B, K, bk, D] and kv
+  segments [nk + 1, B, bk], gathered per step; with chunk > 1 they are [B, S', K, D]
+  and [B, S'] (see `_prepare`) and each step takes one dynamic slice.
+  """
+
+  def __init__(self, cfg: _Config, grp: _HeadGroup, *, k_src, v_src, bias,
+               mask, q_seg, kv_seg, batch: int, chunk: int, bitmaps: np.ndarray):
     plan = cfg.plan
     self.cfg, self.grp = cfg, grp
     self.bq, self.bk = plan.block_q, plan.block_kv
+    self.chunk = chunk
+    self.width = chunk * plan.block_kv
     self.ku = len(grp.kv_heads)
     self.gu = grp.group_size
     self.batch = batch
-    self.k_blocks, self.v_blocks = k_blocks, v_blocks
-    self.bitmaps = jnp.asarray(plan.bitmaps)
+    self.k_src, self.v_src = k_src, v_src
+    self.bitmaps = jnp.asarray(bitmaps)
     self.bias = self._heads(bias)
     self.mask = self._heads(mask)
     self.q_seg, self.kv_seg = q_seg, kv_seg
+
+  def _span(self, src, cols, axis: int):
+    """[C] chunk starts -> [C, ...] slices of `width` keys of src along `axis`."""
+
+    def one(c):
+      return jax.lax.dynamic_slice_in_dim(src, c.astype(jnp.int32) * self.bk,
+                                          self.width, axis=axis)
+
+    if cols.shape[0] == 1:
+      return one(cols[0])[None]
+    return jax.vmap(one)(cols)
 
   def _heads(self, x):
     """Selects this group's heads of a [B?, N?, T?, S?] array."""
@@ -375,17 +599,20 @@ class _Tiles:
       return x
     return jnp.take(x, jnp.asarray(self.grp.heads), axis=1)
 
-  def kv(self, blocks, cols):
-    """[nk + 1, B, K, bk, D][cols] -> [C, B, Ku, bk, D]."""
-    x = blocks[cols]
+  def kv(self, src, cols):
+    """Key or value tiles [C, B, Ku, width, D] of the steps starting at `cols`."""
+    if self.chunk == 1:
+      x = src[cols]
+    else:
+      x = self._span(src, cols, 1).transpose(0, 1, 3, 2, 4)  # [C, B, K, W, D]
     if not self.grp.all_kv:
       x = jnp.take(x, jnp.asarray(self.grp.kv_heads), axis=2)
     return x
 
   def tile_slices(self, x, rows, cols):
-    """Lane tiles [C, B?, Ku?, gu?, bq?, bk?] of a [B?, Nu?, Tp?, Sp?] array."""
+    """Lane tiles [C, B?, Ku?, gu?, bq?, width?] of a [B?, Nu?, Tp?, Sp?] array."""
     tq = self.bq if x.shape[2] != 1 else 1
-    tk = self.bk if x.shape[3] != 1 else 1
+    tk = self.width if x.shape[3] != 1 else 1
 
     def one(r, c):
       return jax.lax.dynamic_slice(
@@ -398,14 +625,14 @@ class _Tiles:
     return t.reshape(t.shape[:2] + heads + t.shape[3:])
 
   def scores(self, qt, kt, rows, cols, bitmap_ids, valid):
-    """Masked logits [C, B, Ku, gu, bq, bk] and tanh(z) (None without soft-cap).
+    """Masked logits [C, B, Ku, gu, bq, W] and tanh(z) (None without soft-cap).
 
-    qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, bk, H].
+    qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, W, H] (W = width).
     """
     c = qt.shape[0]
     z = _bdot('cbkmh,cbkjh->cbkmj', qt, kt,
-                   precision=_PRECISION)  # [C, B, Ku, gu * bq, bk]
-    z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.bk)
+                   precision=_PRECISION)  # [C, B, Ku, gu * bq, W]
+    z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.width)
     cap = self.cfg.soft_cap
     tanh = None
     if cap is not None:
@@ -421,15 +648,16 @@ class _Tiles:
       return b if a is None else a & b
 
     if bitmap_ids is not None:
-      visible = self.bitmaps[bitmap_ids][:, None, None, None]  # [C, 1, 1, 1, bq, bk]
+      visible = self.bitmaps[bitmap_ids][:, None, None, None]  # [C, 1, 1, 1, bq, W]
     if valid is not None:
       visible = conj(visible, valid[:, None, None, None, None, None])
     if self.mask is not None:
       visible = conj(visible, self.tile_slices(self.mask, rows, cols))
     if self.q_seg is not None:
       qs = self.q_seg[rows]  # [C, B, bq]
-      ks = self.kv_seg[cols]  # [C, B, bk]
-      same = qs[:, :, :, None] == ks[:, :, None, :]  # [C, B, bq, bk]
+      ks = (self.kv_seg[cols] if self.chunk == 1 else
+            self._span(self.kv_seg, cols, 1))  # [C, B, W]
+      same = qs[:, :, :, None] == ks[:, :, None, :]  # [C, B, bq, W]
       visible = conj(visible, same[:, :, None, None])
     if visible is not None:
       s = jnp.where(visible, s, -jnp.inf)
@@ -446,8 +674,18 @@ def _scan_steps(lists: _Lists, x, body, carry):
   def part_step(a, carry):
     return body(carry, x['part_cols'][a], x['part_bitmap'][a], None)
 
-  carry = jax.lax.fori_loop(0, x['full_trips'], full_step, carry)
-  return jax.lax.fori_loop(0, x['part_trips'], part_step, carry)
+  for trips, xs_trips, step in ((lists.full_trips, x['full_trips'], full_step),
+                                (lists.part_trips, x['part_trips'], part_step)):
+    if trips.size and (trips == trips[0]).all():
+      # Every group runs the same number of steps (e.g. one chunk per row of a
+      # sliding window): a static loop, unrolled when it is a single step.
+      if int(trips[0]) == 1:
+        carry = step(0, carry)
+      elif int(trips[0]) > 1:
+        carry = jax.lax.fori_loop(0, int(trips[0]), step, carry)
+    else:
+      carry = jax.lax.fori_loop(0, xs_trips, step, carry)
+  return carry
 
 
 def _lists_xs(lists: _Lists) -> dict[str, jax.Array]:
@@ -482,6 +720,26 @@ def _group_q(q_blocks, grp: _HeadGroup):
   return x.reshape(r, b, len(grp.kv_heads), grp.group_size * bq, d)
 
 
+def _q_tiles(q: jax.Array, rows: jax.Array, grp: _HeadGroup, bq: int) -> jax.Array:
+  """[B, T', N, H] -> this group's query tiles [C, B, Ku, gu * bq, H] of `rows`.
+
+  Padding lanes (row nq) read a clamped slice; their results are discarded.
+  """
+  b, _, n, h = q.shape
+
+  def one(r):
+    x = jax.lax.dynamic_slice_in_dim(q, r.astype(jnp.int32) * bq, bq,
+                                     axis=1)  # [B, bq, N, H]
+    if not np.array_equal(grp.heads, np.arange(n)):
+      x = jnp.take(x, jnp.asarray(grp.heads), axis=2)
+    x = x.transpose(0, 2, 1, 3)  # [B, Nu, bq, H]
+    return x.reshape(b, len(grp.kv_heads), grp.group_size * bq, h)
+
+  if rows.shape[0] == 1:
+    return one(rows[0])[None]
+  return jax.vmap(one)(rows)
+
+
 def _group_kv(blocks, grp: _HeadGroup):
   """[nk + 1, B, K, bk, D] -> [nk + 1, B, Ku, bk, D] for this group."""
   if grp.all_kv:
@@ -507,25 +765,36 @@ def _ungroup_heads(parts: list[jax.Array], plan: _Plan, axis: int) -> jax.Array:
   return jnp.take(x, jnp.asarray(inverse), axis=axis)
 
 
-def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
-  """Casts, scales and blocks the inputs (shared by forward and backward)."""
+def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, chunk: int = 1):
+  """Casts, scales and lays out the inputs (shared by forward and backward).
+
+  With chunk == 1, k / v come back as blocks [nk + 1, B, K, bk, D] and kv segments as
+  [nk + 1, B, bk]; with chunk > 1 as [B, S', K, D] and [B, S'] with S' = max(nk,
+  chunk) * bk, which holds every chunk (`_chunk_work` never starts one past nk - chunk).
+  """
   plan = cfg.plan
   cdt = _compute_dtype(q, k, v, bias)
   alpha = cfg.scale / cfg.soft_cap if cfg.soft_cap is not None else cfg.scale
   nq, nk = plan.num_q_blocks, plan.num_kv_blocks
   bq, bk = plan.block_q, plan.block_kv
-  t_pad, s_pad = nq * bq, nk * bk
+  t_pad, s_pad = nq * bq, max(nk, chunk) * bk
   q_blocks = _blocks(q.astype(cdt) * jnp.asarray(alpha, cdt), bq, nq)
-  k_blocks = _blocks(k.astype(cdt), bk, nk)
-  v_blocks = _blocks(v.astype(cdt), bk, nk)
+  if chunk == 1:
+    k_src = _blocks(k.astype(cdt), bk, nk)
+    v_src = _blocks(v.astype(cdt), bk, nk)
+  else:  # Chunks lie inside [0, s_pad): no copy when S is already s_pad long.
+    k_src = _pad_axis(k.astype(cdt), 1, s_pad)  # [B, S', K, H]
+    v_src = _pad_axis(v.astype(cdt), 1, s_pad)  # [B, S', K, Hv]
   bias = _pad_tiled(None if bias is None else bias.astype(cdt), t_pad, s_pad, 0)
   mask = _pad_tiled(mask, t_pad, s_pad, False)
   if q_seg is not None:
     q_seg = _pad_axis(q_seg, 1, (nq + 1) * bq, -1).reshape(
         q_seg.shape[0], nq + 1, bq).transpose(1, 0, 2)  # [nq + 1, B, bq]
-    kv_seg = _pad_axis(kv_seg, 1, (nk + 1) * bk, -2).reshape(
-        kv_seg.shape[0], nk + 1, bk).transpose(1, 0, 2)  # [nk + 1, B, bk]
-  return cdt, alpha, q_blocks, k_blocks, v_blocks, bias, mask, q_seg, kv_seg
+    kv_seg = _pad_axis(kv_seg, 1, s_pad + (bk if chunk == 1 else 0), -2)
+    if chunk == 1:
+      kv_seg = kv_seg.reshape(kv_seg.shape[0], nk + 1, bk).transpose(
+          1, 0, 2)  # [nk + 1, B, bk]
+  return cdt, alpha, q_blocks, k_src, v_src, bias, mask, q_seg, kv_seg
 
 
 def _compute_dtype(*arrays) -> jnp.dtype:
@@ -538,18 +807,20 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
   plan = cfg.plan
   b, t, n, _ = q.shape
   hv = v.shape[-1]
-  (cdt, _, q_blocks, k_blocks, v_blocks, bias_p, mask_p, q_seg_b,
-   kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  (cdt, alpha, _, k_src, v_src, bias_p, mask_p, q_seg_b,
+   kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg, plan.kv_chunk)
   bq = plan.block_q
+  # Query tiles are sliced per step from [B, T', N, H] (no blocked copy of q).
+  q_src = _pad_axis(q, 1, plan.num_q_blocks * bq)
   outs, lses = [], []
   for grp in plan.groups:
-    tiles = _Tiles(cfg, grp, k_blocks=k_blocks, v_blocks=v_blocks, bias=bias_p,
-                   mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b)
+    tiles = _Tiles(cfg, grp, k_src=k_src, v_src=v_src, bias=bias_p, mask=mask_p,
+                   q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b, chunk=plan.kv_chunk,
+                   bitmaps=plan.chunk_bitmaps)
     lists = grp.fwd
     ku, gu = tiles.ku, tiles.gu
     lanes = lists.order.shape[1]
     xs = _lists_xs(lists)
-    xs['q'] = _regroup(_group_q(q_blocks, grp), lists.order)
     row_shape = (lanes, b, ku, gu, bq)
     if sinks is not None:
       sink = sinks.astype(cdt)[jnp.asarray(grp.heads)].reshape(ku, gu)
@@ -560,19 +831,21 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
       l0 = jnp.zeros(row_shape, cdt)
     o0 = jnp.zeros((lanes, b, ku, gu * bq, hv), cdt)
 
-    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists):
-      rows, qt = x['rows'], x['q']
+    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists, grp=grp):
+      rows = x['rows']
+      qt = _q_tiles(q_src, rows, grp, bq).astype(cdt) * jnp.asarray(
+          alpha, cdt)  # [C, B, Ku, gu * bq, H]
 
       def body(carry, cols, bitmap_ids, valid):
         m, l, o = carry
-        s, _ = tiles.scores(qt, tiles.kv(tiles.k_blocks, cols), rows, cols,
+        s, _ = tiles.scores(qt, tiles.kv(tiles.k_src, cols), rows, cols,
                             bitmap_ids, valid)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[..., None])  # [C, B, Ku, gu, bq, bk]
+        p = jnp.exp(s - m_safe[..., None])  # [C, B, Ku, gu, bq, W]
         corr = jnp.exp(m - m_safe)
         l = corr * l + p.sum(-1)
-        vt = tiles.kv(tiles.v_blocks, cols)  # [C, B, Ku, bk, Hv]
+        vt = tiles.kv(tiles.v_src, cols)  # [C, B, Ku, W, Hv]
         pv = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
                                                         p.shape[-1:]), vt,
                         precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv]
@@ -623,8 +896,9 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
                                                                   cdt)
   dbias_parts = []
   for grp in plan.groups:
-    tiles = _Tiles(cfg, grp, k_blocks=k_blocks, v_blocks=v_blocks, bias=bias_p,
-                   mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b)
+    tiles = _Tiles(cfg, grp, k_src=k_blocks, v_src=v_blocks, bias=bias_p,
+                   mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b, chunk=1,
+                   bitmaps=plan.bitmaps)
     lists = grp.bwd
     ku, gu = tiles.ku, tiles.gu
     qg = _group_q(q_blocks, grp)  # [nq + 1, B, Ku, gu * bq, H]
@@ -857,7 +1131,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               kv_segment_ids: jax.Array | None = None,
               return_residuals: bool = False,
               block_q: int | None = None, block_kv: int | None = None,
-              lanes: int | None = None):
+              kv_chunk: int | None = None, lanes: int | None = None):
   """Blocked flash attention on the inputs of `attention.dot_product_attention`.
 
   Same semantics as `attention.reference.attention` (FlashAttention's online softmax,
@@ -867,8 +1141,11 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv].
     scale, bias, mask, mask_obj, logits_soft_cap, sinks, q_segment_ids,
       kv_segment_ids, return_residuals: as in `attention.reference.attention`.
-    block_q, block_kv: tile sizes (None: `block_sizes_for`); lengths are padded to
-      multiples of them. Use `functools.partial(attention, block_q=..)` to override.
+    block_q, block_kv: tile sizes (None: chosen by `tiling_for`); lengths are padded
+      to multiples of them. Use `functools.partial(attention, block_q=..)` to
+      override.
+    kv_chunk: consecutive kv blocks per forward step (None: chosen by `tiling_for`);
+      1 visits one block_q x block_kv tile per step.
     lanes: query (forward) / key (backward) blocks processed side by side per step
       (None: as many as keep a step near 2M logits, at most 8).
 
@@ -880,15 +1157,14 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                 kv_segment_ids, scale, logits_soft_cap)
   block_q = _check_block_arg('block_q', block_q)
   block_kv = _check_block_arg('block_kv', block_kv)
+  kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
   lanes = _check_block_arg('lanes', lanes)
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
-  if block_q is None or block_kv is None:
-    auto_q, auto_kv = block_sizes_for(t, s, mask_obj)
-    block_q = auto_q if block_q is None else block_q
-    block_kv = auto_kv if block_kv is None else block_kv
+  block_q, block_kv, kv_chunk = _auto_tiling(t, s, mask_obj, block_q, block_kv,
+                                             kv_chunk)
   structure = mask_obj if mask_obj is not None else _AllVisible((t, s))
-  plan = _make_plan(structure, n, kh, block_q, block_kv, b * n, lanes)
+  plan = _make_plan(structure, n, kh, block_q, block_kv, b * n, lanes, kv_chunk)
   cfg = _Config(plan=plan, scale=float(scale),
                 soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
   out, lse = _flash_jit(cfg, query, key, value, bias, sinks, mask, q_segment_ids,
@@ -900,20 +1176,30 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
 def visited_fraction(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
                      num_heads: int = 1, block_q: int | None = None,
-                     block_kv: int | None = None) -> float:
-  """Fraction of the padded T x S tile area the forward pass computes."""
+                     block_kv: int | None = None,
+                     kv_chunk: int | None = None) -> float:
+  """Logits the forward pass computes over the padded T x S area (per head).
+
+  With chunks of kv blocks this counts whole chunks (including their EMPTY members),
+  so it can exceed the fraction of active tiles; unset tiling arguments are chosen by
+  `tiling_for`.
+  """
   _check_length('q_len', q_len)
   _check_length('kv_len', kv_len)
   _check_mask_obj(mask_obj, q_len, kv_len)
   _check_length('num_heads', num_heads)
   block_q = _check_block_arg('block_q', block_q)
   block_kv = _check_block_arg('block_kv', block_kv)
-  if block_q is None or block_kv is None:
-    block_q, block_kv = block_sizes_for(q_len, kv_len, mask_obj)
+  kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
+  block_q, block_kv, kv_chunk = _auto_tiling(q_len, kv_len, mask_obj, block_q,
+                                             block_kv, kv_chunk)
   structure = mask_obj if mask_obj is not None else _AllVisible((q_len, kv_len))
   bm = masks_block.compile_mask(
       structure, block_q, block_kv,
       num_heads=num_heads if structure.head_dependent else None)
-  active = (bm.block_state[bm.head_map] != EMPTY).sum()
-  return float(active) / (len(bm.head_map) * bm.num_q_blocks * bm.num_kv_blocks)
-
+  steps = 0
+  for u in np.asarray(bm.head_map):
+    n_full, n_part = _chunk_counts(bm.block_state[u], kv_chunk)
+    steps += int(n_full.sum() + n_part.sum())
+  return float(steps * kv_chunk) / (
+      len(bm.head_map) * bm.num_q_blocks * bm.num_kv_blocks)

@@ -8,7 +8,8 @@ run's 2048 x 2048 float32 matmul FLOP/s:
   `jax.nn.dot_product_attention(is_causal=True)`, and effective FLOP/s (4 * H * N *
   visible pairs / time) >= 40% of the matmul FLOP/s;
 - sliding window 512 at T=16384: time <= 1.5x (visible-pair fraction of the window /
-  that of causal) x our causal time at the same T (rows `window_vs_causal_*`), and >= 10x
+  that of causal) x our causal time at the same T (rows `window_vs_causal_*`; the rows
+  `*_tiling_sweep` time other (block_q, block_kv, kv_chunk) tilings), and >= 10x
   faster than `jax.nn.dot_product_attention` with the dense boolean mask (one head: the
   dense [N, T, T] logits of eight heads would need 17 GB);
 - forward + backward (jax.grad of a scalar) <= 3x the forward time;
@@ -88,7 +89,10 @@ def _grad_of(fn):
 
 def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
                 sweep: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
-  """Causal forward vs jax.nn, fwd+bwd ratio, and a (block_q, block_kv, lanes) sweep."""
+  """Causal forward vs jax.nn, fwd+bwd ratio, a tiling sweep.
+
+  `sweep` lists (block_q, block_kv, kv_chunk, lanes).
+  """
   q, k, v = _inputs(1, t, n, h)
   scale = h**-0.5
   mask = masks_base.causal(t)
@@ -101,31 +105,38 @@ def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
   t_ref = _best_time(lambda: ref(q, k, v), repeats)
   grad = _grad_of(ours)
   t_grad = _best_time(lambda: grad(q, k, v), max(1, repeats - 1))
-  blocks = xla.block_sizes_for(t, t, mask)
+  blocks = xla.tiling_for(t, t, mask)
   rows = [dict(
       name=f'causal_fwd_T{t}_N{n}_H{h}', block_q=blocks[0], block_kv=blocks[1],
+      kv_chunk=blocks[2],
       seconds=t_ours, jax_nn_seconds=t_ref, time_vs_jax_nn=t_ours / t_ref,
       target_time_vs_jax_nn=0.5, effective_flops=flops / t_ours,
       matmul_flops=mm, fraction_of_matmul=flops / t_ours / mm,
       target_fraction_of_matmul=0.4, max_abs_err_vs_jax_nn=err,
       meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.4)),
           dict(name=f'causal_fwd_bwd_T{t}_N{n}_H{h}', block_q=blocks[0],
-               block_kv=blocks[1], seconds=t_grad, fwd_seconds=t_ours,
+               block_kv=blocks[1], kv_chunk=blocks[2], seconds=t_grad,
+               fwd_seconds=t_ours,
                fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.0,
                effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
                meets_target=bool(t_grad / t_ours <= 3.0))]
-  for bq, bk, lanes in sweep:
-    fn = _ours(mask, scale, block_q=bq, block_kv=bk, lanes=lanes)
+  for bq, bk, chunk, lanes in sweep:
+    fn = _ours(mask, scale, block_q=bq, block_kv=bk, kv_chunk=chunk, lanes=lanes)
     sec = _best_time(lambda fn=fn: fn(q, k, v), repeats)
     rows.append(dict(name=f'causal_fwd_T{t}_sweep', block_q=bq, block_kv=bk,
-                     lanes=lanes, seconds=sec, vs_default=sec / t_ours,
+                     kv_chunk=chunk, lanes=lanes, seconds=sec,
+                     vs_default=sec / t_ours,
                      fraction_of_matmul=flops / sec / mm, matmul_flops=mm))
   return rows
 
 
-def window_rows(t: int, window: int, n: int, h: int, mm: float,
-                repeats: int) -> list[dict[str, Any]]:
-  """Sliding window vs our causal (density-scaled) and vs jax.nn with a dense mask."""
+def window_rows(t: int, window: int, n: int, h: int, mm: float, repeats: int,
+                sweep: Sequence[tuple[int, int, int]] = ()) -> list[dict[str, Any]]:
+  """Sliding window vs our causal (density-scaled) and vs jax.nn with a dense mask.
+
+  `sweep` lists (block_q, block_kv, kv_chunk) tilings timed on the same window,
+  each reported against the same causal time (shows the automatic choice).
+  """
   scale = h**-0.5
   win, causal = sliding_window(t, window), masks_base.causal(t)
   q, k, v = _inputs(1, t, n, h)
@@ -135,10 +146,11 @@ def window_rows(t: int, window: int, n: int, h: int, mm: float,
   pairs_win, pairs_causal = visible_pairs(t, window), visible_pairs(t)
   rel = pairs_win / pairs_causal
   density = pairs_win / (t * t)
-  blocks = xla.block_sizes_for(t, t, win)
+  blocks = xla.tiling_for(t, t, win)
   rows = [dict(
       name=f'window{window}_vs_causal_T{t}_N{n}', block_q=blocks[0],
-      block_kv=blocks[1], seconds=t_win, causal_seconds=t_causal,
+      block_kv=blocks[1], kv_chunk=blocks[2], causal_tiling=list(
+          xla.tiling_for(t, t, causal)), seconds=t_win, causal_seconds=t_causal,
       mask_density=density, density_vs_causal=rel,
       time_over_density_scaled_causal=t_win / (rel * t_causal),
       target_time_over_density_scaled_causal=1.5,
@@ -146,6 +158,17 @@ def window_rows(t: int, window: int, n: int, h: int, mm: float,
       visited_tile_fraction=xla.visited_fraction(t, t, win),
       effective_flops=4.0 * h * n * pairs_win / t_win, matmul_flops=mm,
       meets_target=bool(t_win / (rel * t_causal) <= 1.5))]
+  for bq, bk, chunk in sweep:
+    fn = _ours(win, scale, block_q=bq, block_kv=bk, kv_chunk=chunk)
+    sec = _best_time(lambda fn=fn: fn(q, k, v), repeats)
+    rows.append(dict(
+        name=f'window{window}_T{t}_tiling_sweep', block_q=bq, block_kv=bk,
+        kv_chunk=chunk, seconds=sec, vs_auto=sec / t_win,
+        time_over_density_scaled_causal=sec / (rel * t_causal),
+        visited_fraction=xla.visited_fraction(t, t, win, block_q=bq,
+                                              block_kv=bk, kv_chunk=chunk),
+        model_cost_vs_auto=(xla._tiling_cost(win, bq, bk, chunk) /  # pylint: disable=protected-access
+                            xla._tiling_cost(win, *blocks))))  # pylint: disable=protected-access
   # jax.nn with the dense mask: one head (eight would need ~17 GB of logits).
   q1, k1, v1 = (x[:, :, :1] for x in (q, k, v))
   dense = jnp.asarray(win.materialize())[None, None]  # [1, 1, T, T]
@@ -215,16 +238,19 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
   os.makedirs(workdir, exist_ok=True)
   mm = matmul_flops()
   if suite == 'quick':
-    rows = causal_rows(1024, 4, 64, mm, 2, sweep=[(128, 128, 1)])
-    rows += window_rows(2048, 256, 4, 64, mm, 2)
+    rows = causal_rows(1024, 4, 64, mm, 2, sweep=[(128, 128, 1, 1)])
+    rows += window_rows(2048, 256, 4, 64, mm, 2, sweep=[(256, 256, 1)])
     rows.append(memory_row(4096, 4, 64))
   else:
-    sweep = [(256, 512, 1), (512, 512, 1), (128, 128, 1), (256, 256, 2),
-             (128, 128, 4)]
+    sweep = [(256, 512, 1, 1), (512, 512, 1, 1), (128, 128, 1, 1),
+             (256, 128, 2, 1), (256, 256, 1, 2), (128, 128, 1, 4)]
+    window_sweep = [(256, 256, 1), (128, 128, 1), (64, 64, 9), (128, 64, 10),
+                    (256, 128, 6)]
     if suite == 'full':
-      sweep += [(128, 256, 1), (512, 256, 1), (64, 64, 8)]
+      sweep += [(128, 256, 1, 1), (512, 256, 1, 1), (64, 64, 1, 8)]
+      window_sweep += [(64, 64, 1), (128, 64, 1), (256, 64, 12), (192, 64, 11)]
     rows = causal_rows(4096, 8, 64, mm, 3, sweep=sweep)
-    rows += window_rows(16384, 512, 8, 64, mm, 2)
+    rows += window_rows(16384, 512, 8, 64, mm, 2, sweep=window_sweep)
     rows.append(memory_row(65536, 8, 64))
   rows.append(dict(name='matmul_2048_f32_end_of_run', flops=matmul_flops(),
                    matmul_flops_start_of_run=mm))

@@ -139,7 +139,12 @@ def test_random_shapes_match_oracles(b, t, s, kv_heads, group, h, block_q,
         impl_kwargs=dict(block_q=block_q, block_kv=block_kv, lanes=lanes))
 
 
-def test_segments_dense_mask_cross_attention():
+@pytest.mark.parametrize('impl_kwargs, bias_t', [
+    (dict(block_q=8, block_kv=16, kv_chunk=1, lanes=2), 1),
+    (dict(block_q=8, block_kv=8, kv_chunk=3, lanes=1), 29),  # chunked forward
+    (dict(block_q=8, block_kv=8, kv_chunk=3, lanes=3), 29),
+])
+def test_segments_dense_mask_cross_attention(impl_kwargs, bias_t):
   rng = np.random.default_rng(2)
   b, t, s, n, kh = 2, 29, 51, 6, 3
   with jax.enable_x64(True):
@@ -149,8 +154,8 @@ def test_segments_dense_mask_cross_attention():
     mask = jnp.asarray(rng.random((b, 1, t, s)) < 0.7)
     _check_against_oracles(
         q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        mask_obj=_window(t, s, 20), bias=_rand(rng, 1, n, 1, s),
-        impl_kwargs=dict(block_q=8, block_kv=16, lanes=2))
+        mask_obj=_window(t, s, 20), bias=_rand(rng, 1, n, bias_t, s),
+        impl_kwargs=impl_kwargs)
 
 
 def _grads(impl, q, k, v, bias, sinks, **kwargs):
@@ -263,16 +268,21 @@ def test_bfloat16_close_to_float32_reference():
                              atol=6e-2)
 
 
-def test_no_recompilation_same_shapes_and_mask():
+@pytest.mark.parametrize('implementation', ['xla', 'xla_8x8_chunk2'])
+def test_no_recompilation_same_shapes_and_mask(implementation):
   rng = np.random.default_rng(6)
   t = 48
   q, k, v = (_rand(rng, 1, t, 2, 8, dtype=np.float32) for _ in range(3))
+  chex.clear_trace_counter()  # counters are per code location, shared by params
+  api.register_implementation('xla_8x8_chunk2', type('Impl', (), {
+      'attention': staticmethod(functools.partial(
+          xla.attention, block_q=8, block_kv=8, kv_chunk=2))}))
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def f(q, k, v):
     return api.dot_product_attention(q, k, v, mask=_window(t, t, 7),
-                                     implementation='xla')
+                                     implementation=implementation)
 
   first = f(q, k, v)
   second = f(q + 1.0, k, v)
@@ -338,9 +348,10 @@ def test_only_active_tiles_visited_and_bitmaps_only_in_partial_tiles():
 
 def test_automatic_blocks_and_no_t_by_s_intermediates():
   assert xla.default_block_sizes(100, 3000) == (104, 256)
-  # A narrow window prefers small tiles; causal keeps the large ones.
-  assert xla.block_sizes_for(4096, 4096, _window(4096, 4096, 60)) == (128, 128)
-  assert xla.block_sizes_for(4096, 4096, _window(4096, 4096, 511)) == (256, 256)
+  # Windows get chunks of smaller kv blocks; causal keeps 256 x 256, one per step.
+  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 60))[2] > 1
+  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 511)) == (128, 128, 5)
+  assert xla.tiling_for(4096, 4096, base.causal(4096)) == (256, 256, 1)
   assert xla.block_sizes_for(4096, 4096, base.causal(4096)) == (256, 256)
   t = 2048
   q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
@@ -420,5 +431,8 @@ def test_helpers_validate_inputs(call, error, match):
 def test_visited_fraction_matches_block_count():
   # 4 x 4 tiles of 8 over a causal 32 x 32 mask: 10 of 16 tiles are active.
   assert xla.visited_fraction(32, 32, base.causal(32), block_q=8,
-                              block_kv=8) == 10 / 16
+                              block_kv=8, kv_chunk=1) == 10 / 16
+  # Chunks of 4 blocks start at block 0 of every row: the whole area.
+  assert xla.visited_fraction(32, 32, base.causal(32), block_q=8,
+                              block_kv=8, kv_chunk=4) == 1.0
   assert xla.visited_fraction(32, 32, None, block_q=8, block_kv=8) == 1.0
