@@ -26,7 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from experiments.configs import icl_regression as configs
 from experiments.icl import data
+from experiments.icl import study
 from experiments.icl import training
 
 SUITES = ('quick', 'cpu_core', 'full')
@@ -145,6 +147,12 @@ def _run(suite: str, workdir: str) -> list[dict[str, Any]]:
                for h in base.heads]
   variants += [('joint_tokens_projection', _paper_spec(projection='tokens'), None),
                ('joint_unsafe_rbg', _paper_spec(rng_impl='unsafe_rbg'), None)]
+  # The paper preset's extension runs, exactly as the binary builds them.
+  paper = study.build_specs(configs.get_config('paper'))
+  for run_name in ('noniso', 'multitask'):
+    if run_name in paper:
+      variants.append((f'paper_{run_name}', dataclasses.replace(
+          paper[run_name], log_every=100), None))
   measured = {}
   for name, spec, max_devices in variants:
     sps, first, used = _steps_per_s(spec, chunks, max_devices)
@@ -180,6 +188,13 @@ def _run(suite: str, workdir: str) -> list[dict[str, Any]]:
                                         measured['joint_H1_2_4_8_plus_linear'],
       'speedup_all_devices_vs_one': measured['joint_H1_2_4_8_plus_linear'] /
                                     measured['joint_one_device'],
+      # Every training run of `--preset=paper` (main + extensions), compilation and
+      # analysis excluded.
+      'paper_preset_all_runs_projected_min': sum(
+          spec.steps / measured[name] for name, spec in (
+              [('joint_H1_2_4_8_plus_linear', base)] +
+              [(f'paper_{r}', paper[r]) for r in ('noniso', 'multitask')
+               if r in paper])) / 60,
       'target_min': 30.0,
       'matmul_gflops_ceiling': ceiling,
       'devices': len(jax.devices()),
