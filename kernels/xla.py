@@ -474,6 +474,14 @@ def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
   return _auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv, kv_chunk)
 
 
+def _auto_bwd_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
+                     fwd_blocks: tuple[int, int], block_q: int | None,
+                     block_kv: int | None) -> tuple[int, int]:
+  """Backward tiles: the forward's unless given."""
+  del q_len, kv_len, mask_obj
+  return (block_q or fwd_blocks[0], block_kv or fwd_blocks[1])
+
+
 def block_sizes_for(q_len: int, kv_len: int,
                     mask_obj: masks_base.Mask | None) -> tuple[int, int]:
   """Automatic (block_q, block_kv) of `tiling_for` (kv_chunk is its third value)."""
@@ -492,6 +500,7 @@ class _Config:
   plan: _Plan
   scale: float
   soft_cap: float | None
+  bwd_plan: _Plan | None = None  # tiles of the backward pass (None: `plan`'s).
 
 
 @jax.tree_util.register_static
@@ -874,6 +883,8 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
 def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
               kv_seg, out, lse, d_out, d_lse):
   """Blocked backward: (dq, dk, dv, dbias, dsinks), recomputing tile by tile."""
+  if cfg.bwd_plan is not None:
+    cfg = dataclasses.replace(cfg, plan=cfg.bwd_plan, bwd_plan=None)
   plan = cfg.plan
   b, t, n, h = q.shape
   s_len, kh = k.shape[1], k.shape[2]
@@ -1131,7 +1142,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               kv_segment_ids: jax.Array | None = None,
               return_residuals: bool = False,
               block_q: int | None = None, block_kv: int | None = None,
-              kv_chunk: int | None = None, lanes: int | None = None):
+              kv_chunk: int | None = None, lanes: int | None = None,
+              bwd_block_q: int | None = None, bwd_block_kv: int | None = None):
   """Blocked flash attention on the inputs of `attention.dot_product_attention`.
 
   Same semantics as `attention.reference.attention` (FlashAttention's online softmax,
@@ -1148,6 +1160,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       1 visits one block_q x block_kv tile per step.
     lanes: query (forward) / key (backward) blocks processed side by side per step
       (None: as many as keep a step near 2M logits, at most 8).
+    bwd_block_q, bwd_block_kv: tile sizes of the backward pass (None: chosen by
+      `tiling_for` for the backward).
 
   Returns:
     out [B, T, N, Hv] in query's dtype, and with `return_residuals` the log-sum-exp
@@ -1159,14 +1173,22 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   block_kv = _check_block_arg('block_kv', block_kv)
   kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
   lanes = _check_block_arg('lanes', lanes)
+  bwd_block_q = _check_block_arg('bwd_block_q', bwd_block_q)
+  bwd_block_kv = _check_block_arg('bwd_block_kv', bwd_block_kv)
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
   block_q, block_kv, kv_chunk = _auto_tiling(t, s, mask_obj, block_q, block_kv,
                                              kv_chunk)
+  bwd_q, bwd_kv = _auto_bwd_tiling(t, s, mask_obj, (block_q, block_kv),
+                                   bwd_block_q, bwd_block_kv)
   structure = mask_obj if mask_obj is not None else _AllVisible((t, s))
   plan = _make_plan(structure, n, kh, block_q, block_kv, b * n, lanes, kv_chunk)
+  bwd_plan = None
+  if (bwd_q, bwd_kv) != (block_q, block_kv) or kv_chunk != 1:
+    bwd_plan = _make_plan(structure, n, kh, bwd_q, bwd_kv, b * n, lanes, 1)
   cfg = _Config(plan=plan, scale=float(scale),
-                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+                bwd_plan=bwd_plan)
   out, lse = _flash_jit(cfg, query, key, value, bias, sinks, mask, q_segment_ids,
                         kv_segment_ids)
   if return_residuals:

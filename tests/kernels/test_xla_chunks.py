@@ -62,8 +62,10 @@ def test_chunked_forward_matches_oracles(name):
            impl_kwargs=dict(block_q=bq, block_kv=bk, kv_chunk=chunk))
 
 
-@pytest.mark.parametrize('mask_name, chunk', [('two_bands', 4), ('window', 50)])
-def test_chunked_gradients_match_reference(mask_name, chunk):
+@pytest.mark.parametrize('mask_name, chunk, bwd', [
+    ('two_bands', 4, (None, None)), ('window', 50, (None, None)),
+    ('window', 1, (16, 8)), ('two_bands', 2, (8, 24))])
+def test_chunked_gradients_match_reference(mask_name, chunk, bwd):
   rng = np.random.default_rng(13)
   b, t, n, kh = 2, 33, 4, 2
   mask_obj = _two_bands(t, t) if mask_name == 'two_bands' else _window(t, t, 9)
@@ -71,7 +73,8 @@ def test_chunked_gradients_match_reference(mask_name, chunk):
     q, k, v = _rand(rng, b, t, n, 8), _rand(rng, b, t, kh, 8), _rand(rng, b, t, kh, 6)
     bias, sinks = _rand(rng, 1, n, t, t), _rand(rng, n)
     kwargs = dict(scale=0.4, logits_soft_cap=3.0, mask_obj=mask_obj)
-    impl = functools.partial(xla.attention, block_q=8, block_kv=8, kv_chunk=chunk)
+    impl = functools.partial(xla.attention, block_q=8, block_kv=8, kv_chunk=chunk,
+                             bwd_block_q=bwd[0], bwd_block_kv=bwd[1])
     got = helpers._grads(impl, q, k, v, bias, sinks, **kwargs)  # pylint: disable=protected-access
     want = helpers._grads(helpers.reference.attention, q, k, v, bias, sinks,  # pylint: disable=protected-access
                           **kwargs)
@@ -145,3 +148,13 @@ def test_auto_tiling_chunks_windows_and_keeps_causal():
 def test_bad_kv_chunk_raises(call, error):
   with pytest.raises(error, match='kv_chunk'):
     call(jnp.zeros((1, 8, 2, 4)))
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(bwd_block_q=0), ValueError, 'bwd_block_q'),
+    (dict(bwd_block_kv=2.5), TypeError, 'bwd_block_kv'),
+])
+def test_bad_bwd_blocks_raise(kwargs, error, match):
+  q = jnp.zeros((1, 8, 2, 4))
+  with pytest.raises(error, match=match):
+    xla.attention(q, q, q, scale=1.0, **kwargs)
