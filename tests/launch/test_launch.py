@@ -67,12 +67,17 @@ def test_process_env_replaces_device_count():
 def test_local_launch_two_processes(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(textwrap.dedent('''
+      import sys
       import jax, numpy as np
       from launch import distributed
       distributed.initialize()
       from jax.experimental import multihost_utils
       ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
-      print('count', jax.process_count(), jax.device_count(), sorted(ids.ravel().tolist()))
+      # One write: gloo's C++ log lines share the pipe and would split a print of
+      # several arguments.
+      line = f'count {jax.process_count()} {jax.device_count()} {sorted(ids.ravel().tolist())}'
+      sys.stdout.write(line + '\n')
+      sys.stdout.flush()
   '''))
   out = io.StringIO()
   env_path = os.environ.get('PYTHONPATH', '')
