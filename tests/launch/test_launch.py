@@ -76,7 +76,7 @@ def test_local_launch_two_processes(tmp_path):
       # One write: gloo's C++ log lines share the pipe and would split a print of
       # several arguments.
       line = f'count {jax.process_count()} {jax.device_count()} {sorted(ids.ravel().tolist())}'
-      sys.stdout.write(line + '\n')
+      sys.stdout.write(line + chr(10))
       sys.stdout.flush()
   '''))
   out = io.StringIO()
