@@ -47,6 +47,7 @@ from attention import _checks
 from attention.masks import base as masks_base
 from attention.masks import block as masks_block
 from attention.masks import static as masks_static
+from kernels._arrays import pad_axis
 
 EMPTY, PARTIAL, FULL = masks_base.EMPTY, masks_base.PARTIAL, masks_base.FULL
 
@@ -302,7 +303,7 @@ def _make_plan(mask_obj: masks_base.Mask, num_heads: int, num_kv_heads: int,
 
 
 def _with_empty_bitmap(lists: _Lists, empty: int) -> _Lists:
-  """Replaces the placeholder bitmap id -1 of padding steps by `empty`."""
+  """Points the padding steps (bitmap id -1) at the all-False bitmap `empty`."""
   bms = np.where(lists.part_bitmap < 0, empty, lists.part_bitmap).astype(np.int32)
   bms.setflags(write=False)
   return dataclasses.replace(lists, part_bitmap=bms)
@@ -523,19 +524,10 @@ def _bdot(spec: str, x: jax.Array, y: jax.Array, precision=None) -> jax.Array:
   return out.reshape(lead + out.shape[1:])
 
 
-def _pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
-  extra = length - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _blocks(x: jax.Array, block: int, num: int, value=0) -> jax.Array:
   """[B, L, heads, D] -> [num + 1, B, heads, block, D] (one extra all-`value` block)."""
   b, _, n, d = x.shape
-  x = _pad_axis(x, 1, (num + 1) * block, value)
+  x = pad_axis(x, 1, (num + 1) * block, value)
   return x.reshape(b, num + 1, block, n, d).transpose(1, 0, 3, 2, 4)
 
 
@@ -548,7 +540,7 @@ def _unblocks(x: jax.Array, length: int) -> jax.Array:
 def _row_blocks(x: jax.Array, block: int, num: int, value) -> jax.Array:
   """[B, heads, L] -> [num + 1, B, heads, block]."""
   b, n, _ = x.shape
-  x = _pad_axis(x, 2, (num + 1) * block, value)
+  x = pad_axis(x, 2, (num + 1) * block, value)
   return x.reshape(b, n, num + 1, block).transpose(2, 0, 1, 3)
 
 
@@ -557,9 +549,9 @@ def _pad_tiled(x: jax.Array | None, t_pad: int, s_pad: int, value):
   if x is None:
     return None
   if x.shape[2] != 1:
-    x = _pad_axis(x, 2, t_pad, value)
+    x = pad_axis(x, 2, t_pad, value)
   if x.shape[3] != 1:
-    x = _pad_axis(x, 3, s_pad, value)
+    x = pad_axis(x, 3, s_pad, value)
   return x
 
 
@@ -792,14 +784,14 @@ def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, chunk: int = 1):
     k_src = _blocks(k.astype(cdt), bk, nk)
     v_src = _blocks(v.astype(cdt), bk, nk)
   else:  # Chunks lie inside [0, s_pad): no copy when S is already s_pad long.
-    k_src = _pad_axis(k.astype(cdt), 1, s_pad)  # [B, S', K, H]
-    v_src = _pad_axis(v.astype(cdt), 1, s_pad)  # [B, S', K, Hv]
+    k_src = pad_axis(k.astype(cdt), 1, s_pad)  # [B, S', K, H]
+    v_src = pad_axis(v.astype(cdt), 1, s_pad)  # [B, S', K, Hv]
   bias = _pad_tiled(None if bias is None else bias.astype(cdt), t_pad, s_pad, 0)
   mask = _pad_tiled(mask, t_pad, s_pad, False)
   if q_seg is not None:
-    q_seg = _pad_axis(q_seg, 1, (nq + 1) * bq, -1).reshape(
+    q_seg = pad_axis(q_seg, 1, (nq + 1) * bq, -1).reshape(
         q_seg.shape[0], nq + 1, bq).transpose(1, 0, 2)  # [nq + 1, B, bq]
-    kv_seg = _pad_axis(kv_seg, 1, s_pad + (bk if chunk == 1 else 0), -2)
+    kv_seg = pad_axis(kv_seg, 1, s_pad + (bk if chunk == 1 else 0), -2)
     if chunk == 1:
       kv_seg = kv_seg.reshape(kv_seg.shape[0], nk + 1, bk).transpose(
           1, 0, 2)  # [nk + 1, B, bk]
@@ -820,7 +812,7 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
    kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg, plan.kv_chunk)
   bq = plan.block_q
   # Query tiles are sliced per step from [B, T', N, H] (no blocked copy of q).
-  q_src = _pad_axis(q, 1, plan.num_q_blocks * bq)
+  q_src = pad_axis(q, 1, plan.num_q_blocks * bq)
   outs, lses = [], []
   for grp in plan.groups:
     tiles = _Tiles(cfg, grp, k_src=k_src, v_src=v_src, bias=bias_p, mask=mask_p,

@@ -27,6 +27,7 @@ import numpy as np
 from attention.masks import base as masks_base
 from attention.masks import static as masks_static
 from attention.masks import block as masks_block
+from kernels._arrays import pad_axis  # pylint: disable=unused-import (used as common.pad_axis)
 
 # Finite stand-in for -inf inside the kernels (as splash attention): exp() of it is 0
 # and max() with it stays finite, so no NaN appears in fully masked rows.
@@ -246,16 +247,6 @@ def make_flash(forward: ForwardFn, backward: BackwardFn):
 
   flash.defvjp(flash_fwd, flash_bwd)
   return flash
-
-
-def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
-  """Pads `axis` of `x` at the end up to `length`."""
-  extra = length - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def logits_bias(bias, mask, shape) -> jax.Array | None:
