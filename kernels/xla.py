@@ -475,12 +475,44 @@ def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
   return _auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv, kv_chunk)
 
 
-def _auto_bwd_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
-                     fwd_blocks: tuple[int, int], block_q: int | None,
+# Backward tiles where the forward keeps its large tile one per step (dense and causal
+# structures): 256 query rows by 512 keys. In the backward's transposed layout the kv
+# block is the row dim of four of its five dots, and wider kv blocks ran faster
+# (causal T = 4096, N = 8, H = 64, side by side on the 2-core machine: fwd+bwd 0.73 s
+# with 256 x 512 backward tiles vs 1.03 s with 256 x 256; 256 x 1024, 512 x 512 and
+# 128 x 512 were slower; see kernels/README.md). Banded masks (kv chunks, smaller
+# tiles) keep the forward's tiles: no backward tiling measured better there.
+_BWD_DENSE_TILE = (256, 512)
+
+
+def _auto_bwd_tiling(q_len: int, kv_len: int, fwd_tiling: tuple[int, int, int],
+                     block_q: int | None,
                      block_kv: int | None) -> tuple[int, int]:
-  """Backward tiles: the forward's unless given."""
-  del q_len, kv_len, mask_obj
-  return (block_q or fwd_blocks[0], block_kv or fwd_blocks[1])
+  """Backward (block_q, block_kv): given values, else see `_BWD_DENSE_TILE`."""
+  fq, fk, chunk = fwd_tiling
+  big_q, big_kv = default_block_sizes(q_len, kv_len)
+  if chunk == 1 and (fq, fk) == (big_q, big_kv) and big_q == 256 and big_kv == 256:
+    auto = (_BWD_DENSE_TILE[0], min(_BWD_DENSE_TILE[1], _round_up(kv_len, 8)))
+  else:
+    auto = (fq, fk)
+  return (block_q or auto[0], block_kv or auto[1])
+
+
+def bwd_tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
+                   block_q: int | None = None, block_kv: int | None = None,
+                   kv_chunk: int | None = None, bwd_block_q: int | None = None,
+                   bwd_block_kv: int | None = None) -> tuple[int, int]:
+  """Automatic backward (block_q, block_kv) for the forward tiling of `tiling_for`.
+
+  The forward's tiles unless it keeps one 256 x 256 tile per step (dense and causal
+  structures), where the backward takes 256 x 512 tiles (`_BWD_DENSE_TILE`). Given
+  arguments are kept.
+  """
+  fwd = tiling_for(q_len, kv_len, mask_obj, block_q=block_q, block_kv=block_kv,
+                   kv_chunk=kv_chunk)
+  bwd_block_q = _check_block_arg('bwd_block_q', bwd_block_q)
+  bwd_block_kv = _check_block_arg('bwd_block_kv', bwd_block_kv)
+  return _auto_bwd_tiling(q_len, kv_len, fwd, bwd_block_q, bwd_block_kv)
 
 
 def block_sizes_for(q_len: int, kv_len: int,
@@ -625,15 +657,28 @@ class _Tiles:
     heads = (self.ku, self.gu) if x.shape[1] != 1 else (1, 1)
     return t.reshape(t.shape[:2] + heads + t.shape[3:])
 
-  def scores(self, qt, kt, rows, cols, bitmap_ids, valid):
-    """Masked logits [C, B, Ku, gu, bq, W] and tanh(z) (None without soft-cap).
+  def scores(self, qt, kt, rows, cols, bitmap_ids, valid, transposed=False):
+    """Masked logits and tanh(z) (None without soft-cap) of the lane tiles.
 
     qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, W, H] (W = width).
+    Returns [C, B, Ku, gu, bq, W], or with `transposed` [C, B, Ku, W, gu, bq]: keys
+    on rows, which lets every backward dot keep its contracted dim in the layout
+    XLA:CPU's fast dot kernels take (a dot contracting the leading dim of its
+    left operand ran at half the speed).
     """
     c = qt.shape[0]
-    z = _bdot('cbkmh,cbkjh->cbkmj', qt, kt,
-                   precision=_PRECISION)  # [C, B, Ku, gu * bq, W]
-    z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.width)
+    if transposed:
+      z = _bdot('cbkjh,cbkmh->cbkjm', kt, qt,
+                precision=_PRECISION)  # [C, B, Ku, W, gu * bq]
+      z = z.reshape(c, self.batch, self.ku, self.width, self.gu, self.bq)
+    else:
+      z = _bdot('cbkmh,cbkjh->cbkmj', qt, kt,
+                precision=_PRECISION)  # [C, B, Ku, gu * bq, W]
+      z = z.reshape(c, self.batch, self.ku, self.gu, self.bq, self.width)
+
+    def layout(x):  # [C, B?, Ku?, gu?, bq?, W?] -> the logits' layout
+      return jnp.moveaxis(x, -1, 3) if transposed else x
+
     cap = self.cfg.soft_cap
     tanh = None
     if cap is not None:
@@ -642,24 +687,25 @@ class _Tiles:
     else:
       s = z
     if self.bias is not None:
-      s = s + self.tile_slices(self.bias, rows, cols)
+      s = s + layout(self.tile_slices(self.bias, rows, cols))
     visible = None
 
     def conj(a, b):
       return b if a is None else a & b
 
     if bitmap_ids is not None:
-      visible = self.bitmaps[bitmap_ids][:, None, None, None]  # [C, 1, 1, 1, bq, W]
+      visible = layout(
+          self.bitmaps[bitmap_ids][:, None, None, None])  # [C, 1, 1, 1, bq, W]
     if valid is not None:
       visible = conj(visible, valid[:, None, None, None, None, None])
     if self.mask is not None:
-      visible = conj(visible, self.tile_slices(self.mask, rows, cols))
+      visible = conj(visible, layout(self.tile_slices(self.mask, rows, cols)))
     if self.q_seg is not None:
       qs = self.q_seg[rows]  # [C, B, bq]
       ks = (self.kv_seg[cols] if self.chunk == 1 else
             self._span(self.kv_seg, cols, 1))  # [C, B, W]
       same = qs[:, :, :, None] == ks[:, :, None, :]  # [C, B, bq, W]
-      visible = conj(visible, same[:, :, None, None])
+      visible = conj(visible, layout(same[:, :, None, None]))
     if visible is not None:
       s = jnp.where(visible, s, -jnp.inf)
     return s, tanh
@@ -913,33 +959,38 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
     xs['v'] = _regroup(_group_kv(v_blocks, grp), lists.order)
     with_bias = bias_p is not None and needs.bias
     dbias0 = jnp.zeros(tiles.bias.shape, cdt) if with_bias else None
-    dq0 = jnp.zeros(qg.shape, cdt)
+    # dq is accumulated transposed, [nq + 1, B, Ku, H, gu * bq], so that its dot
+    # (like every other one below) reads both operands in the fast layout.
+    dq0 = jnp.zeros(qg.shape[:3] + (h, qg.shape[3]), cdt)
 
     def group_step(carry, x, tiles=tiles, lists=lists, qg=qg, dog=dog,
                    lseg=lseg, deltag=deltag, with_bias=with_bias):
       dq, dbias = carry
       cols_fixed, kt, vt = x['rows'], x['k'], x['v']
+      kt_t = jnp.swapaxes(kt, -1, -2)  # [C, B, Ku, H, bk]
 
       def body(inner, rows, bitmap_ids, valid):
         dk_acc, dv_acc, dq, dbias = inner
         qt, dot = qg[rows], dog[rows]  # [C, B, Ku, gu * bq, H / Hv]
-        s, tanh = tiles.scores(qt, kt, rows, cols_fixed, bitmap_ids, valid)
-        p = jnp.exp(s - lseg[rows][..., None])  # [C, B, Ku, gu, bq, bk]
-        flat = p.shape[:3] + (-1, p.shape[-1])
-        dv_acc = dv_acc + _bdot('cbkmj,cbkmv->cbkjv', p.reshape(flat), dot,
-                                     precision=_PRECISION)  # [C, B, Ku, bk, Hv]
-        dp = _bdot('cbkmv,cbkjv->cbkmj', dot, vt,
-                        precision=_PRECISION).reshape(p.shape)
-        ds = p * (dp - deltag[rows][..., None])  # d logits (after soft-cap, + bias)
+        s, tanh = tiles.scores(qt, kt, rows, cols_fixed, bitmap_ids, valid,
+                               transposed=True)  # [C, B, Ku, bk, gu, bq]
+        p = jnp.exp(s - lseg[rows][:, :, :, None])
+        flat = p.shape[:4] + (-1,)  # [C, B, Ku, bk, gu * bq]
+        dv_acc = dv_acc + _bdot('cbkjm,cbkmv->cbkjv', p.reshape(flat), dot,
+                                precision=_PRECISION)  # [C, B, Ku, bk, Hv]
+        dp = _bdot('cbkjv,cbkmv->cbkjm', vt, dot,
+                   precision=_PRECISION).reshape(p.shape)
+        ds = p * (dp - deltag[rows][:, :, :, None])  # d logits (after cap, + bias)
         if with_bias:
-          dbias = _add_tiles(dbias, _reduce_to(ds, tiles.bias), rows,
-                             cols_fixed, bq, bk)
+          dbias = _add_tiles(dbias, _reduce_to(jnp.moveaxis(ds, 3, -1),
+                                               tiles.bias),
+                             rows, cols_fixed, bq, bk)
         dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
-        dz = dz.reshape(flat)  # [C, B, Ku, gu * bq, bk]
-        dk_acc = dk_acc + _bdot('cbkmj,cbkmh->cbkjh', dz, qt,
-                                     precision=_PRECISION)  # [C, B, Ku, bk, H]
-        dq_t = _bdot('cbkmj,cbkjh->cbkmh', dz, kt,
-                          precision=_PRECISION)  # [C, B, Ku, gu * bq, H]
+        dz = dz.reshape(flat)
+        dk_acc = dk_acc + _bdot('cbkjm,cbkmh->cbkjh', dz, qt,
+                                precision=_PRECISION)  # [C, B, Ku, bk, H]
+        dq_t = _bdot('cbkhj,cbkjm->cbkhm', kt_t, dz,
+                     precision=_PRECISION)  # [C, B, Ku, H, gu * bq]
         for c in range(dq_t.shape[0]):
           cur = jax.lax.dynamic_index_in_dim(dq, rows[c], 0, keepdims=False)
           dq = jax.lax.dynamic_update_index_in_dim(dq, cur + dq_t[c], rows[c], 0)
@@ -952,6 +1003,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
       return (dq, dbias), (dk_acc, dv_acc)
 
     (dq_g, dbias_g), (dk_g, dv_g) = jax.lax.scan(group_step, (dq0, dbias0), xs)
+    dq_g = jnp.swapaxes(dq_g, -1, -2)  # [nq + 1, B, Ku, gu * bq, H]
     dqs.append(dq_g[:nq].reshape(nq, b, ku * gu, bq, h))
     dk_g = _ungroup(dk_g, lists.order, nk)  # [nk, B, Ku, bk, H]
     dv_g = _ungroup(dv_g, lists.order, nk)
@@ -1153,7 +1205,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     lanes: query (forward) / key (backward) blocks processed side by side per step
       (None: as many as keep a step near 2M logits, at most 8).
     bwd_block_q, bwd_block_kv: tile sizes of the backward pass (None: chosen by
-      `tiling_for` for the backward).
+      `bwd_tiling_for`).
 
   Returns:
     out [B, T, N, Hv] in query's dtype, and with `return_residuals` the log-sum-exp
@@ -1171,7 +1223,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   s, kh = key.shape[1], key.shape[2]
   block_q, block_kv, kv_chunk = _auto_tiling(t, s, mask_obj, block_q, block_kv,
                                              kv_chunk)
-  bwd_q, bwd_kv = _auto_bwd_tiling(t, s, mask_obj, (block_q, block_kv),
+  bwd_q, bwd_kv = _auto_bwd_tiling(t, s, (block_q, block_kv, kv_chunk),
                                    bwd_block_q, bwd_block_kv)
   structure = mask_obj if mask_obj is not None else _AllVisible((t, s))
   plan = _make_plan(structure, n, kh, block_q, block_kv, b * n, lanes, kv_chunk)

@@ -61,3 +61,27 @@ def compiled_memory_bytes(fn: Callable[..., Any], *args: Any) -> int:
     return -1
   return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
              stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def interleaved_best(fns: dict[str, Callable[[], Any]], rounds: int,
+                     warmup: int = 1) -> dict[str, float]:
+  """Minimum wall time (s) of each zero-argument callable, timed in rounds.
+
+  Every round calls each function once, in a rotated order, so slow phases of a
+  shared machine hit all of them alike and the ratios between them stay fair; the
+  minimum over rounds is each one's least disturbed sample.
+  """
+  if rounds < 1:
+    raise ValueError(f'rounds must be >= 1, got {rounds}.')
+  names = list(fns)
+  for name in names:
+    for _ in range(warmup):
+      block(fns[name]())
+  best = {name: float('inf') for name in names}
+  for r in range(rounds):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      t0 = time.perf_counter()
+      block(fns[name]())
+      best[name] = min(best[name], time.perf_counter() - t0)
+  return best

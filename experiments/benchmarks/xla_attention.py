@@ -15,12 +15,16 @@ run's 2048 x 2048 float32 matmul FLOP/s:
 - forward + backward (jax.grad of a scalar) <= 3x the forward time;
 - causal T=65536, N=8, H=64 forward + backward: peak resident memory (ru_maxrss of a
   fresh subprocess) < 4 GiB.
-Times are the minimum over repeats (the machine is shared; the minimum is the least
-disturbed sample). The 'quick' suite runs the same rows at small sizes.
+Times are minima over interleaved rounds (`common.interleaved_best`): each round times
+every contender once (ours, jax.nn, our fwd+bwd and the matmul for the causal rows;
+window and causal for the window row), so the slow phases of a shared machine hit them
+alike; the minimum is the least disturbed sample. Rows `*_bwd_tiling_sweep` time
+backward tilings. The 'quick' suite runs the same rows at small sizes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.masks import base as masks_base
+from experiments.benchmarks import common
 from kernels import xla
 
 SUITES = ('quick', 'cpu_core', 'full')
@@ -55,11 +60,21 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
   return best
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of an n x n float32 matmul (the ceiling quoted beside every row)."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+_MATMUL_N = 2048
+_MATMUL_FLOP = 2.0 * _MATMUL_N**3
+
+
+def _matmul_fn() -> Callable[[], Any]:
+  """A zero-argument call of the 2048 x 2048 float32 matmul (inputs made once)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((_MATMUL_N, _MATMUL_N)),
+                  jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
-  return 2.0 * n**3 / _best_time(lambda: f(a, a), repeats)
+  return lambda: f(a, a)
+
+
+def matmul_flops(repeats: int = 5) -> float:
+  """FLOP/s of the 2048 x 2048 float32 matmul (the ceiling quoted beside every row)."""
+  return _MATMUL_FLOP / _best_time(_matmul_fn(), repeats)
 
 
 def sliding_window(t: int, window: int) -> masks_base.Mask:
@@ -87,11 +102,13 @@ def _grad_of(fn):
   return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
 
 
-def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
+def causal_rows(t: int, n: int, h: int, rounds: int,
                 sweep: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
   """Causal forward vs jax.nn, fwd+bwd ratio, a tiling sweep.
 
-  `sweep` lists (block_q, block_kv, kv_chunk, lanes).
+  Ours, jax.nn, our fwd+bwd and the 2048 x 2048 matmul are timed in the same
+  interleaved rounds (`common.interleaved_best`). `sweep` lists (block_q, block_kv,
+  kv_chunk, lanes).
   """
   q, k, v = _inputs(1, t, n, h)
   scale = h**-0.5
@@ -101,33 +118,60 @@ def causal_rows(t: int, n: int, h: int, mm: float, repeats: int,
   ref = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
                                                              is_causal=True))
   err = float(jnp.max(jnp.abs(ours(q, k, v) - ref(q, k, v))))
-  t_ours = _best_time(lambda: ours(q, k, v), repeats)
-  t_ref = _best_time(lambda: ref(q, k, v), repeats)
   grad = _grad_of(ours)
-  t_grad = _best_time(lambda: grad(q, k, v), max(1, repeats - 1))
+  mm_fn = _matmul_fn()
+  best = common.interleaved_best(
+      dict(ours=lambda: ours(q, k, v), ref=lambda: ref(q, k, v),
+           grad=lambda: grad(q, k, v), matmul=mm_fn), rounds)
+  t_ours, t_ref, t_grad = best['ours'], best['ref'], best['grad']
+  mm = _MATMUL_FLOP / best['matmul']
   blocks = xla.tiling_for(t, t, mask)
+  bwd_blocks = list(xla.bwd_tiling_for(t, t, mask))
   rows = [dict(
       name=f'causal_fwd_T{t}_N{n}_H{h}', block_q=blocks[0], block_kv=blocks[1],
-      kv_chunk=blocks[2],
+      kv_chunk=blocks[2], rounds=rounds,
       seconds=t_ours, jax_nn_seconds=t_ref, time_vs_jax_nn=t_ours / t_ref,
       target_time_vs_jax_nn=0.5, effective_flops=flops / t_ours,
       matmul_flops=mm, fraction_of_matmul=flops / t_ours / mm,
       target_fraction_of_matmul=0.4, max_abs_err_vs_jax_nn=err,
       meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.4)),
           dict(name=f'causal_fwd_bwd_T{t}_N{n}_H{h}', block_q=blocks[0],
-               block_kv=blocks[1], kv_chunk=blocks[2], seconds=t_grad,
-               fwd_seconds=t_ours,
+               block_kv=blocks[1], kv_chunk=blocks[2], bwd_blocks=bwd_blocks,
+               rounds=rounds, seconds=t_grad, fwd_seconds=t_ours,
                fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.0,
                effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
                meets_target=bool(t_grad / t_ours <= 3.0))]
+  fns = dict(default=lambda: ours(q, k, v))
   for bq, bk, chunk, lanes in sweep:
     fn = _ours(mask, scale, block_q=bq, block_kv=bk, kv_chunk=chunk, lanes=lanes)
-    sec = _best_time(lambda fn=fn: fn(q, k, v), repeats)
-    rows.append(dict(name=f'causal_fwd_T{t}_sweep', block_q=bq, block_kv=bk,
-                     kv_chunk=chunk, lanes=lanes, seconds=sec,
-                     vs_default=sec / t_ours,
-                     fraction_of_matmul=flops / sec / mm, matmul_flops=mm))
+    fns[(bq, bk, chunk, lanes)] = lambda fn=fn: fn(q, k, v)
+  if sweep:
+    sweep_best = common.interleaved_best(fns, max(1, rounds - 1))
+    for (bq, bk, chunk, lanes) in sweep:
+      sec = sweep_best[(bq, bk, chunk, lanes)]
+      rows.append(dict(name=f'causal_fwd_T{t}_sweep', block_q=bq, block_kv=bk,
+                       kv_chunk=chunk, lanes=lanes, seconds=sec,
+                       vs_default=sec / sweep_best['default'],
+                       fraction_of_matmul=flops / sec / mm, matmul_flops=mm))
   return rows
+
+
+def causal_bwd_sweep_rows(t: int, n: int, h: int, rounds: int,
+                          tiles: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+  """fwd+bwd time of backward tilings (forward tiles automatic), side by side."""
+  q, k, v = _inputs(1, t, n, h)
+  scale = h**-0.5
+  mask = masks_base.causal(t)
+  fns = {}
+  for bq, bk in tiles:
+    fns[(bq, bk)] = functools.partial(
+        _grad_of(_ours(mask, scale, bwd_block_q=bq, bwd_block_kv=bk)), q, k, v)
+  best = common.interleaved_best(fns, rounds)
+  auto = tuple(xla.bwd_tiling_for(t, t, mask))
+  return [dict(name=f'causal_fwd_bwd_T{t}_bwd_tiling_sweep', bwd_block_q=bq,
+               bwd_block_kv=bk, seconds=best[(bq, bk)], automatic=(bq, bk) == auto,
+               vs_fastest=best[(bq, bk)] / min(best.values()))
+          for bq, bk in tiles]
 
 
 def window_rows(t: int, window: int, n: int, h: int, mm: float, repeats: int,
@@ -141,8 +185,9 @@ def window_rows(t: int, window: int, n: int, h: int, mm: float, repeats: int,
   win, causal = sliding_window(t, window), masks_base.causal(t)
   q, k, v = _inputs(1, t, n, h)
   f_win, f_causal = _ours(win, scale), _ours(causal, scale)
-  t_win = _best_time(lambda: f_win(q, k, v), repeats)
-  t_causal = _best_time(lambda: f_causal(q, k, v), max(1, repeats - 1))
+  best = common.interleaved_best(dict(win=lambda: f_win(q, k, v),
+                                      causal=lambda: f_causal(q, k, v)), repeats)
+  t_win, t_causal = best['win'], best['causal']
   pairs_win, pairs_causal = visible_pairs(t, window), visible_pairs(t)
   rel = pairs_win / pairs_causal
   density = pairs_win / (t * t)
@@ -238,19 +283,22 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
   os.makedirs(workdir, exist_ok=True)
   mm = matmul_flops()
   if suite == 'quick':
-    rows = causal_rows(1024, 4, 64, mm, 2, sweep=[(128, 128, 1, 1)])
+    rows = causal_rows(1024, 4, 64, 2, sweep=[(128, 128, 1, 1)])
+    rows += causal_bwd_sweep_rows(1024, 4, 64, 1, [(256, 256), (256, 512)])
     rows += window_rows(2048, 256, 4, 64, mm, 2, sweep=[(256, 256, 1)])
     rows.append(memory_row(4096, 4, 64))
   else:
-    sweep = [(256, 512, 1, 1), (512, 512, 1, 1), (128, 128, 1, 1),
+    sweep = [(512, 256, 1, 1), (256, 512, 1, 1), (512, 512, 1, 1), (128, 128, 1, 1),
              (256, 128, 2, 1), (256, 256, 1, 2), (128, 128, 1, 4)]
     window_sweep = [(256, 256, 1), (128, 128, 1), (64, 64, 9), (128, 64, 10),
                     (256, 128, 6)]
     if suite == 'full':
-      sweep += [(128, 256, 1, 1), (512, 256, 1, 1), (64, 64, 1, 8)]
+      sweep += [(128, 256, 1, 1), (1024, 256, 1, 1), (64, 64, 1, 8)]
       window_sweep += [(64, 64, 1), (128, 64, 1), (256, 64, 12), (192, 64, 11)]
-    rows = causal_rows(4096, 8, 64, mm, 3, sweep=sweep)
-    rows += window_rows(16384, 512, 8, 64, mm, 2, sweep=window_sweep)
+    rows = causal_rows(4096, 8, 64, 8, sweep=sweep)
+    rows += causal_bwd_sweep_rows(4096, 8, 64, 5, [(256, 256), (256, 512), (512, 512),
+                                                   (128, 512), (256, 1024)])
+    rows += window_rows(16384, 512, 8, 64, mm, 3, sweep=window_sweep)
     rows.append(memory_row(65536, 8, 64))
   rows.append(dict(name='matmul_2048_f32_end_of_run', flops=matmul_flops(),
                    matmul_flops_start_of_run=mm))

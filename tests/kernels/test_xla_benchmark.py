@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from experiments.benchmarks import common
 from experiments.benchmarks import xla_attention
 
 
@@ -21,3 +22,22 @@ def test_visible_pairs_and_window_match_brute_force(t, window):
 def test_bad_suite_raises():
   with pytest.raises(ValueError, match='suite'):
     xla_attention.run('huge', '/tmp/unused')
+
+
+def test_interleaved_best_rotates_and_takes_minimum(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(common.time, 'perf_counter', lambda: clock[0])
+  calls = []
+  # Call i of 'a' lasts 5 - i seconds of the fake clock; 'b' always 2.
+  def make(name, durations):
+    def fn():
+      calls.append(name)
+      clock[0] += durations[len([c for c in calls if c == name]) - 1]
+    return fn
+  best = common.interleaved_best(
+      dict(a=make('a', [9.0, 5.0, 4.0, 3.0]), b=make('b', [9.0, 2.0, 2.0, 2.0])),
+      rounds=3)
+  assert best == dict(a=3.0, b=2.0)  # the warm-up call (9 s) is not timed
+  assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']
+  with pytest.raises(ValueError, match='rounds'):
+    common.interleaved_best(dict(a=lambda: None), rounds=0)

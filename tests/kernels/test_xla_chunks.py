@@ -158,3 +158,41 @@ def test_bad_bwd_blocks_raise(kwargs, error, match):
   q = jnp.zeros((1, 8, 2, 4))
   with pytest.raises(error, match=match):
     xla.attention(q, q, q, scale=1.0, **kwargs)
+
+
+def test_auto_bwd_tiling_widens_kv_for_dense_structures():
+  t = 4096
+  win = base.causal(t) & ~base.causal(t, offset=-512)
+  assert xla.bwd_tiling_for(t, t, base.causal(t)) == (256, 512)
+  assert xla.bwd_tiling_for(t, t, None) == (256, 512)
+  assert xla.bwd_tiling_for(t, 300, None) == (256, 304)  # capped at the 8-aligned S
+  # Banded (chunked) forward tilings and short sequences keep the forward's tiles.
+  assert xla.bwd_tiling_for(t, t, win) == xla.tiling_for(t, t, win)[:2]
+  assert xla.bwd_tiling_for(100, 100, None) == (104, 104)
+  # Given values are kept, explicit forward tiles change the automatic choice.
+  assert xla.bwd_tiling_for(t, t, None, bwd_block_q=64) == (64, 512)
+  assert xla.bwd_tiling_for(t, t, None, block_q=128) == (128, 256)
+  with pytest.raises(ValueError, match='bwd_block_kv'):
+    xla.bwd_tiling_for(t, t, None, bwd_block_kv=-8)
+
+
+def test_default_dense_backward_tiles_match_reference():
+  """T = 512, S = 600: 256 x 256 forward tiles, 256 x 512 backward tiles (padded)."""
+  rng = np.random.default_rng(17)
+  b, t, s, n, kh = 1, 512, 600, 4, 2
+  mask_obj = base.causal(t, s)
+  assert xla.tiling_for(t, s, mask_obj) == (256, 256, 1)
+  assert xla.bwd_tiling_for(t, s, mask_obj) == (256, 512)
+  with jax.enable_x64(True):
+    q, k, v = _rand(rng, b, t, n, 8), _rand(rng, b, s, kh, 8), _rand(rng, b, s, kh, 6)
+    bias, sinks = _rand(rng, 1, n, t, s), _rand(rng, n)
+    q_seg = jnp.asarray(np.repeat(np.arange(3), [200, 200, 112])[None])
+    kv_seg = jnp.asarray(np.repeat(np.arange(3), [200, 200, 200])[None])
+    kwargs = dict(scale=0.4, logits_soft_cap=3.0, mask_obj=mask_obj,
+                  q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    got = helpers._grads(xla.attention, q, k, v, bias, sinks, **kwargs)  # pylint: disable=protected-access
+    want = helpers._grads(helpers.reference.attention, q, k, v, bias, sinks,  # pylint: disable=protected-access
+                          **kwargs)
+    for name, g, w in zip(('dq', 'dk', 'dv', 'dbias', 'dsinks'), got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9,
+                                 rtol=1e-9, err_msg=name)
