@@ -10,8 +10,10 @@ mask work, and only PARTIAL tiles read a (deduplicated) bitmap.
 
 The backward pass is a `jax.custom_vjp` that recomputes the probabilities tile by tile
 from the saved log-sum-exp: an outer loop over key blocks (the transposed lists of the
-BlockMask) keeps dK / dV for those keys local, and dQ is accumulated in place. Memory is
-O(T + S) (plus whatever bias or dense mask the caller passes in full).
+BlockMask) keeps dK / dV for those keys local, and dQ is accumulated in place. Its tiles
+are laid out keys-on-rows (K Q^T), which keeps all five dots in the layout XLA:CPU's
+fast dot kernels take. Memory is O(T + S) (plus whatever bias or dense mask the caller
+passes in full).
 
 Static structure: the BlockMask, the work lists and the lane grouping are NumPy arrays
 built at trace time from the static mask object (cached), so a jitted caller compiles
@@ -489,9 +491,9 @@ def _auto_bwd_tiling(q_len: int, kv_len: int, fwd_tiling: tuple[int, int, int],
                      block_q: int | None,
                      block_kv: int | None) -> tuple[int, int]:
   """Backward (block_q, block_kv): given values, else see `_BWD_DENSE_TILE`."""
+  del q_len
   fq, fk, chunk = fwd_tiling
-  big_q, big_kv = default_block_sizes(q_len, kv_len)
-  if chunk == 1 and (fq, fk) == (big_q, big_kv) and big_q == 256 and big_kv == 256:
+  if chunk == 1 and (fq, fk) == (256, 256):
     auto = (_BWD_DENSE_TILE[0], min(_BWD_DENSE_TILE[1], _round_up(kv_len, 8)))
   else:
     auto = (fq, fk)
