@@ -316,15 +316,16 @@ def _round_up(x: int, m: int) -> int:
 
 
 def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
-  """Automatic (block_q, block_kv): 256 x 256 tiles, shrunk for short sequences.
+  """Automatic (block_q, block_kv) without a mask: 512 x 256, shrunk to the lengths.
 
-  256 x 256 was the fastest tile (forward and backward) among 128..512 on a 2-core
-  AVX-512 CPU for head_dim 64, batch * heads = 8 (see
+  512 x 256 was the fastest forward tile among 128..1024 rows and 128..512 keys on a
+  2-core CPU for head_dim 64, batch * heads = 8 (each tile dot is large enough for
+  XLA:CPU to run it on both cores; see `_THREADED_DOT` and
   experiments/benchmarks/xla_attention.py); blocks never exceed the 8-aligned lengths.
   """
   _check_length('q_len', q_len)
   _check_length('kv_len', kv_len)
-  return (min(256, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8)))
+  return (min(512, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8)))
 
 
 def _check_length(name: str, value: Any) -> None:
@@ -344,32 +345,59 @@ def _check_mask_obj(mask_obj: Any, q_len: int, kv_len: int) -> None:
                      f'{tuple(mask_obj.shape)}.')
 
 
-# Cost model of one forward step on XLA:CPU, in units of one logit of a 256 x 256 FULL
-# tile inside a long loop (fitted to side-by-side timings of causal, dense and
-# sliding-window masks at T = 4096 / 16384, N = 8, H = 64 on the 2-core machine; see
-# experiments/benchmarks/xla_attention.py): a per-logit rate by tile rows (small
-# matmuls and the row-wise softmax work are less efficient), a surcharge for tiles of
-# more than 2^16 logits per head (they fall out of cache), the mask work of partial
-# steps, a fixed cost per step, and a fixed cost per row for each loop whose trip count
-# varies between rows (a static single step is inlined).
-_ROW_RATE = ((32, 2.2), (64, 1.6), (128, 1.1), (256, 1.0))
-_WIDE_ROW_RATE = 1.03  # more than 256 rows
-_BIG_TILE = 1 << 16
-_BIG_TILE_RATE = 0.1  # per doubling above _BIG_TILE
-_MASK_RATE = 0.075
-_STEP_COST = 3000.0
-_LOOP_COST = 40000.0
+# Cost model of one forward step on XLA:CPU, in units of one logit (per head) of a
+# multi-threaded FULL step of 256 or more rows, fitted (log least squares, 31
+# tilings) to side-by-side timings of causal and dense masks at T = 2048 / 4096 and
+# sliding windows of 128 / 512 keys at T = 4096 / 16384, N = 8, H = 64, on the 2-core
+# machine (the dataset rows of experiments/benchmarks/xla_attention.py). Per logit: a
+# factor by tile rows (small matmuls and row-wise softmax work are less efficient)
+# times one by how the step runs -- dots on both cores (`_THREADED_DOT`), the fused
+# step (`_fused_tile`), or a plain step on one core; plus the mask work of partial
+# steps, a fixed cost per step and a fixed cost per row for each loop whose trip count
+# varies between rows (a static single step is inlined); tiles of more than 2^17
+# logits per head pay a surcharge. The fit's per-logit unit was 1.6 ns at N = 8.
+_ROW_RATE = ((64, 1.02), (128, 1.09))  # (rows up to, factor); 1.0 above 128 rows
+_FUSED_RATE = 1.18
+_ONE_CORE_RATE = 1.53
+_BIG_TILE = 1 << 17  # logits per head; larger tiles fall out of cache
+_BIG_TILE_RATE = 0.13  # per doubling above _BIG_TILE
+_MASK_RATE = 0.66
+_STEP_COST = 15000.0
+_LOOP_COST = 14000.0
 _MAX_CHUNK_KEYS = 1024
-_BLOCK_CANDIDATES = (64, 128, 256)
-_CHUNK_CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+_Q_CANDIDATES = (64, 128, 192, 256, 512)
+_KV_CANDIDATES = (64, 128, 256)
+_CHUNK_CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 16)
+
+# XLA:CPU (jax 0.10, 2-core machine) ran a batched tile dot on both cores once one
+# batch item held about 2^23 multiply-adds (block_q * width * head_dim; measured: 256
+# x 64 x 256 ran at one core's speed, 512 x 64 x 256 at 1.7x it) and on one core
+# below that.
+_THREADED_DOT = 1 << 23
 
 
-def _step_rate(block_q: int, width: int) -> float:
-  rate = next((r for rows, r in _ROW_RATE if block_q <= rows), _WIDE_ROW_RATE)
-  tile = block_q * width
-  if tile > _BIG_TILE:
-    rate *= 1.0 + _BIG_TILE_RATE * float(np.log2(tile / _BIG_TILE))
-  return rate
+def _auto_fused(block_q: int, block_kv: int, kv_chunk: int, head_dim: int) -> bool:
+  """Default forward step: `_fused_tile` where the plain step's dots run on one core.
+
+  The fused step spends a third logits dot to turn the step into two calls XLA:CPU
+  runs multi-threaded; that paid off only for one-block steps whose dots stay under
+  `_THREADED_DOT` (causal T = 4096, N = 8, H = 64: 256 x 256 tiles 0.18 s fused vs
+  0.22 s plain; 512 x 256 tiles 0.20 s fused vs 0.14 s plain; sliding-window chunks
+  were slower fused at every tiling tried).
+  """
+  return kv_chunk == 1 and block_q * block_kv * head_dim < _THREADED_DOT
+
+
+
+def _step_rate(block_q: int, width: int, kv_chunk: int, head_dim: int) -> float:
+  rate = next((r for rows, r in _ROW_RATE if block_q <= rows), 1.0)
+  if block_q * width > _BIG_TILE:
+    rate *= 1.0 + _BIG_TILE_RATE * float(np.log2(block_q * width / _BIG_TILE))
+  if block_q * width * head_dim >= _THREADED_DOT:
+    return rate
+  if _auto_fused(block_q, width // kv_chunk, kv_chunk, head_dim):
+    return rate * _FUSED_RATE
+  return rate * _ONE_CORE_RATE
 
 
 def _chunk_counts(state: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -411,12 +439,12 @@ def _structures(mask_obj: masks_base.Mask, block_q: int, block_kv: int):
 
 
 def _tiling_cost(mask_obj: masks_base.Mask, block_q: int, block_kv: int,
-                kv_chunk: int) -> float:
+                 kv_chunk: int, head_dim: int = 64) -> float:
   """Modelled forward time of a tiling (relative units; see `_ROW_RATE`)."""
   states, weights = _structures(mask_obj, block_q, block_kv)
   width = kv_chunk * block_kv
   elements = block_q * width
-  per_step = elements * _step_rate(block_q, width) + _STEP_COST
+  per_step = elements * _step_rate(block_q, width, kv_chunk, head_dim) + _STEP_COST
   total = 0.0
   for state, weight in zip(states, weights):
     if not weight:
@@ -432,14 +460,14 @@ def _tiling_cost(mask_obj: masks_base.Mask, block_q: int, block_kv: int,
 @functools.lru_cache(maxsize=256)
 def _auto_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
                  block_q: int | None, block_kv: int | None,
-                 kv_chunk: int | None) -> tuple[int, int, int]:
+                 kv_chunk: int | None, head_dim: int = 64) -> tuple[int, int, int]:
   big_q, big_kv = default_block_sizes(q_len, kv_len)
   if mask_obj is None:  # Everything visible: the large tile, one per step.
     return block_q or big_q, block_kv or big_kv, kv_chunk or 1
   qs = [block_q] if block_q else sorted(
-      {min(c, big_q) for c in _BLOCK_CANDIDATES}, reverse=True)
+      {min(c, big_q) for c in _Q_CANDIDATES}, reverse=True)
   ks = [block_kv] if block_kv else sorted(
-      {min(c, big_kv) for c in _BLOCK_CANDIDATES}, reverse=True)
+      {min(c, big_kv) for c in _KV_CANDIDATES}, reverse=True)
   best, best_cost = None, float('inf')
   for bq in qs:
     for bk in ks:
@@ -450,7 +478,7 @@ def _auto_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
         chunks = [m for m in _CHUNK_CANDIDATES
                   if m == 1 or (m * bk <= _MAX_CHUNK_KEYS and m <= nk)]
       for m in chunks:
-        cost = _tiling_cost(mask_obj, bq, bk, m)
+        cost = _tiling_cost(mask_obj, bq, bk, m, head_dim)
         if cost < best_cost * (1 - 1e-9):  # ties keep the earlier (larger, m=1)
           best, best_cost = (bq, bk, m), cost
   return best
@@ -458,15 +486,16 @@ def _auto_tiling(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None,
 
 def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
                block_q: int | None = None, block_kv: int | None = None,
-               kv_chunk: int | None = None) -> tuple[int, int, int]:
+               kv_chunk: int | None = None,
+               head_dim: int = 64) -> tuple[int, int, int]:
   """Automatic (block_q, block_kv, kv_chunk): the cheapest tiling by the cost model.
 
-  Candidates are tiles of 64 / 128 / 256 rows and keys (capped at the 8-aligned
+  Candidates are tiles of 64..512 rows and 64..256 keys (capped at the 8-aligned
   lengths) and chunks of 1..16 consecutive kv blocks (at most 1024 keys per step);
-  `_tiling_cost` prices the steps each would run on this mask. Without a mask the
-  256 x 256 tile is used; causal masks keep it too (the model's tie-break prefers
-  larger blocks and one block per step), while sliding windows and other bands get
-  a chunk that covers a query block's keys in one step. Given arguments are kept.
+  `_tiling_cost` prices the steps each would run on this mask at this head_dim.
+  Without a mask the 512 x 256 tile is used; causal masks get it too, while sliding
+  windows and other bands get a chunk that covers a query block's keys in one step.
+  Given arguments are kept.
   """
   _check_length('q_len', q_len)
   _check_length('kv_len', kv_len)
@@ -474,7 +503,9 @@ def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
   block_q = _check_block_arg('block_q', block_q)
   block_kv = _check_block_arg('block_kv', block_kv)
   kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
-  return _auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv, kv_chunk)
+  _check_length('head_dim', head_dim)
+  return _auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv, kv_chunk,
+                      int(head_dim))
 
 
 # Backward tiles where the forward keeps its large tile one per step (dense and causal
@@ -491,10 +522,11 @@ def _auto_bwd_tiling(q_len: int, kv_len: int, fwd_tiling: tuple[int, int, int],
                      block_q: int | None,
                      block_kv: int | None) -> tuple[int, int]:
   """Backward (block_q, block_kv): given values, else see `_BWD_DENSE_TILE`."""
-  del q_len
   fq, fk, chunk = fwd_tiling
-  if chunk == 1 and (fq, fk) == (256, 256):
-    auto = (_BWD_DENSE_TILE[0], min(_BWD_DENSE_TILE[1], _round_up(kv_len, 8)))
+  big_q, big_kv = min(256, _round_up(q_len, 8)), min(256, _round_up(kv_len, 8))
+  if chunk == 1 and fq >= big_q and fk >= big_kv:  # not a banded / small-tile plan
+    auto = (min(_BWD_DENSE_TILE[0], _round_up(q_len, 8)),
+            min(_BWD_DENSE_TILE[1], _round_up(kv_len, 8)))
   else:
     auto = (fq, fk)
   return (block_q or auto[0], block_kv or auto[1])
@@ -503,15 +535,16 @@ def _auto_bwd_tiling(q_len: int, kv_len: int, fwd_tiling: tuple[int, int, int],
 def bwd_tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
                    block_q: int | None = None, block_kv: int | None = None,
                    kv_chunk: int | None = None, bwd_block_q: int | None = None,
-                   bwd_block_kv: int | None = None) -> tuple[int, int]:
+                   bwd_block_kv: int | None = None,
+                   head_dim: int = 64) -> tuple[int, int]:
   """Automatic backward (block_q, block_kv) for the forward tiling of `tiling_for`.
 
-  The forward's tiles unless it keeps one 256 x 256 tile per step (dense and causal
-  structures), where the backward takes 256 x 512 tiles (`_BWD_DENSE_TILE`). Given
-  arguments are kept.
+  The forward's tiles unless it takes tiles of at least 256 x 256 one per step (dense
+  and causal structures), where the backward takes 256 x 512 tiles
+  (`_BWD_DENSE_TILE`). Given arguments are kept.
   """
   fwd = tiling_for(q_len, kv_len, mask_obj, block_q=block_q, block_kv=block_kv,
-                   kv_chunk=kv_chunk)
+                   kv_chunk=kv_chunk, head_dim=head_dim)
   bwd_block_q = _check_block_arg('bwd_block_q', bwd_block_q)
   bwd_block_kv = _check_block_arg('bwd_block_kv', bwd_block_kv)
   return _auto_bwd_tiling(q_len, kv_len, fwd, bwd_block_q, bwd_block_kv)
@@ -536,6 +569,7 @@ class _Config:
   scale: float
   soft_cap: float | None
   bwd_plan: _Plan | None = None  # tiles of the backward pass (None: `plan`'s).
+  fused: bool = True  # forward steps as `_fused_tile` (else one online-softmax step)
 
 
 @jax.tree_util.register_static
@@ -594,7 +628,7 @@ class _Tiles:
 
   A step's tile is block_q rows by `chunk` consecutive kv blocks (width chunk *
   block_kv). With chunk == 1, keys / values are blocks [nk + 1, B, K, bk, D] and kv
-  segments [nk + 1, B, bk], gathered per step; with chunk > 1 they are [B, S', K, D]
+  segments [nk + 1, B, bk], gathered per step; with chunk > 1 they are [B, K, S', D]
   and [B, S'] (see `_prepare`) and each step takes one dynamic slice.
   """
 
@@ -639,7 +673,7 @@ class _Tiles:
     if self.chunk == 1:
       x = src[cols]
     else:
-      x = self._span(src, cols, 1).transpose(0, 1, 3, 2, 4)  # [C, B, K, W, D]
+      x = self._span(src, cols, 2)  # [C, B, K, W, D]
     if not self.grp.all_kv:
       x = jnp.take(x, jnp.asarray(self.grp.kv_heads), axis=2)
     return x
@@ -659,14 +693,17 @@ class _Tiles:
     heads = (self.ku, self.gu) if x.shape[1] != 1 else (1, 1)
     return t.reshape(t.shape[:2] + heads + t.shape[3:])
 
-  def scores(self, qt, kt, rows, cols, bitmap_ids, valid, transposed=False):
+  def scores(self, qt, kt, rows, cols, bitmap_ids, valid, transposed=False,
+             fill=-jnp.inf, additive=False):
     """Masked logits and tanh(z) (None without soft-cap) of the lane tiles.
 
     qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, W, H] (W = width).
     Returns [C, B, Ku, gu, bq, W], or with `transposed` [C, B, Ku, W, gu, bq]: keys
     on rows, which lets every backward dot keep its contracted dim in the layout
     XLA:CPU's fast dot kernels take (a dot contracting the leading dim of its
-    left operand ran at half the speed).
+    left operand ran at half the speed). Masked logits are `fill`; with
+    `additive`, the mask is applied as an added [.., bq, W] tile of 0 / `fill`
+    (XLA:CPU fuses an add into the surrounding dot fusion, a select it does not).
     """
     c = qt.shape[0]
     if transposed:
@@ -709,7 +746,11 @@ class _Tiles:
       same = qs[:, :, :, None] == ks[:, :, None, :]  # [C, B, bq, W]
       visible = conj(visible, layout(same[:, :, None, None]))
     if visible is not None:
-      s = jnp.where(visible, s, -jnp.inf)
+      fill = jnp.asarray(fill, s.dtype)
+      if additive:
+        s = s + jnp.where(visible, jnp.zeros((), s.dtype), fill)
+      else:
+        s = jnp.where(visible, s, fill)
     return s, tanh
 
 
@@ -818,7 +859,7 @@ def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, chunk: int = 1):
   """Casts, scales and lays out the inputs (shared by forward and backward).
 
   With chunk == 1, k / v come back as blocks [nk + 1, B, K, bk, D] and kv segments as
-  [nk + 1, B, bk]; with chunk > 1 as [B, S', K, D] and [B, S'] with S' = max(nk,
+  [nk + 1, B, bk]; with chunk > 1 as [B, K, S', D] and [B, S'] with S' = max(nk,
   chunk) * bk, which holds every chunk (`_chunk_work` never starts one past nk - chunk).
   """
   plan = cfg.plan
@@ -832,8 +873,9 @@ def _prepare(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, chunk: int = 1):
     k_src = _blocks(k.astype(cdt), bk, nk)
     v_src = _blocks(v.astype(cdt), bk, nk)
   else:  # Chunks lie inside [0, s_pad): no copy when S is already s_pad long.
-    k_src = pad_axis(k.astype(cdt), 1, s_pad)  # [B, S', K, H]
-    v_src = pad_axis(v.astype(cdt), 1, s_pad)  # [B, S', K, Hv]
+    # Heads before keys, so that a step's slice needs no transpose.
+    k_src = pad_axis(k.astype(cdt), 1, s_pad).transpose(0, 2, 1, 3)  # [B, K, S', H]
+    v_src = pad_axis(v.astype(cdt), 1, s_pad).transpose(0, 2, 1, 3)  # [B, K, S', Hv]
   bias = _pad_tiled(None if bias is None else bias.astype(cdt), t_pad, s_pad, 0)
   mask = _pad_tiled(mask, t_pad, s_pad, False)
   if q_seg is not None:
@@ -851,6 +893,36 @@ def _compute_dtype(*arrays) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _fused_tile(tiles: _Tiles, qt, kt, vt, rows, cols, bitmap_ids, valid):
+  """One forward tile as two single-output computations XLA:CPU fuses whole.
+
+  Returns the tile's row maxima m_t [C, B, Ku, gu, bq] (-inf where the tile hides
+  the entire row) and A = exp(S - rowmax(S)) [V, 1] [C, B, Ku, gu * bq, Hv + 1],
+  whose last column holds the row sums. The caller rescales A by exp(m_t - m).
+
+  Why not the textbook online-softmax step: XLA:CPU (jax 0.10) lowers
+  `exp(S - rowmax(S)) @ V` -- dot, max, exp and dot -- to one multi-threaded
+  YNNPACK fusion that keeps the logits in cache, but any further input or output
+  (the running max, the row sum) splits the step into single-threaded library calls
+  and loop fusions that stream the [gu * bq, W] logits through memory several times.
+  m_t comes from a second logits dot (fused with its max reduction): three tile dots
+  instead of two, in fewer, faster calls (see kernels/README.md for the timings).
+  """
+  # The barrier keeps common-subexpression elimination from merging the two logits
+  # dots, which would give the shared logits two users and break both fusions.
+  s_max, _ = tiles.scores(qt, jax.lax.optimization_barrier(kt), rows, cols,
+                          bitmap_ids, valid, additive=True)
+  m_t = s_max.max(-1)  # [C, B, Ku, gu, bq]
+  # Masked logits are the dtype's finite minimum here: a row the tile hides then
+  # gives exp(0) = 1 terms (finite, discarded by the caller's scale of 0), not NaN.
+  s, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid,
+                      fill=jnp.finfo(qt.dtype).min, additive=True)
+  p = jnp.exp(s - s.max(-1, keepdims=True))  # [C, B, Ku, gu, bq, W]
+  a = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) + p.shape[-1:]), vt,
+            precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv + 1]
+  return m_t, a
+
+
 def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
   """Blocked forward: out [B, T, N, Hv] (query dtype), lse [B, N, T]."""
   plan = cfg.plan
@@ -858,6 +930,8 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
   hv = v.shape[-1]
   (cdt, alpha, _, k_src, v_src, bias_p, mask_p, q_seg_b,
    kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg, plan.kv_chunk)
+  # A column of ones makes each tile's P V also return P's row sums (one output).
+  v_src = jnp.concatenate([v_src, jnp.ones(v_src.shape[:-1] + (1,), cdt)], axis=-1)
   bq = plan.block_q
   # Query tiles are sliced per step from [B, T', N, H] (no blocked copy of q).
   q_src = pad_axis(q, 1, plan.num_q_blocks * bq)
@@ -878,30 +952,37 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
     else:
       m0 = jnp.full(row_shape, -jnp.inf, cdt)
       l0 = jnp.zeros(row_shape, cdt)
-    o0 = jnp.zeros((lanes, b, ku, gu * bq, hv), cdt)
+    o0 = jnp.concatenate([jnp.zeros((lanes, b, ku, gu * bq, hv), cdt),
+                          l0.reshape(lanes, b, ku, gu * bq, 1)], axis=-1)
 
-    def group_step(_, x, tiles=tiles, m0=m0, l0=l0, o0=o0, lists=lists, grp=grp):
+    def group_step(_, x, tiles=tiles, m0=m0, o0=o0, lists=lists, grp=grp):
       rows = x['rows']
       qt = _q_tiles(q_src, rows, grp, bq).astype(cdt) * jnp.asarray(
           alpha, cdt)  # [C, B, Ku, gu * bq, H]
 
       def body(carry, cols, bitmap_ids, valid):
-        m, l, o = carry
-        s, _ = tiles.scores(qt, tiles.kv(tiles.k_src, cols), rows, cols,
-                            bitmap_ids, valid)
+        m, o = carry  # o: [C, B, Ku, gu * bq, Hv + 1], row sums in the last column
+        kt = tiles.kv(tiles.k_src, cols)  # [C, B, Ku, W, H]
+        vt = tiles.kv(tiles.v_src, cols)  # [C, B, Ku, W, Hv + 1]
+        rowwise = lambda x: x.reshape(x.shape[:3] + (-1, 1))  # -> [C, B, Ku, m, 1]
+        if cfg.fused:
+          m_t, a = _fused_tile(tiles, qt, kt, vt, rows, cols, bitmap_ids, valid)
+          m_new = jnp.maximum(m, m_t)
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          corr = jnp.exp(m - m_safe)  # rescales what was accumulated so far
+          scale = jnp.exp(m_t - m_safe)  # 0 for rows this tile hides entirely
+          return m_new, o * rowwise(corr) + a * rowwise(scale)
+        s, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])  # [C, B, Ku, gu, bq, W]
-        corr = jnp.exp(m - m_safe)
-        l = corr * l + p.sum(-1)
-        vt = tiles.kv(tiles.v_src, cols)  # [C, B, Ku, W, Hv]
         pv = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
-                                                        p.shape[-1:]), vt,
-                        precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv]
-        o = o * corr.reshape(corr.shape[:3] + (-1, 1)) + pv
-        return m_new, l, o
+                                                    p.shape[-1:]), vt,
+                   precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv + 1]
+        return m_new, o * rowwise(jnp.exp(m - m_safe)) + pv
 
-      m, l, o = _scan_steps(lists, x, body, (m0, l0, o0))
+      m, o = _scan_steps(lists, x, body, (m0, o0))
+      o, l = o[..., :-1], o[..., -1].reshape(m.shape)
       safe = jnp.where(l > 0, l, 1.0)
       o = o / safe.reshape(safe.shape[:3] + (-1, 1))
       lse = jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
@@ -1189,7 +1270,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               return_residuals: bool = False,
               block_q: int | None = None, block_kv: int | None = None,
               kv_chunk: int | None = None, lanes: int | None = None,
-              bwd_block_q: int | None = None, bwd_block_kv: int | None = None):
+              bwd_block_q: int | None = None, bwd_block_kv: int | None = None,
+              fused: bool | None = None):
   """Blocked flash attention on the inputs of `attention.dot_product_attention`.
 
   Same semantics as `attention.reference.attention` (FlashAttention's online softmax,
@@ -1208,6 +1290,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       (None: as many as keep a step near 2M logits, at most 8).
     bwd_block_q, bwd_block_kv: tile sizes of the backward pass (None: chosen by
       `bwd_tiling_for`).
+    fused: forward step form: True runs each tile as `_fused_tile` (three dots in
+      two multi-threaded XLA:CPU calls), False as one online-softmax step (two
+      dots); None picks by `_auto_fused`. Both are exact.
 
   Returns:
     out [B, T, N, Hv] in query's dtype, and with `return_residuals` the log-sum-exp
@@ -1221,10 +1306,12 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   lanes = _check_block_arg('lanes', lanes)
   bwd_block_q = _check_block_arg('bwd_block_q', bwd_block_q)
   bwd_block_kv = _check_block_arg('bwd_block_kv', bwd_block_kv)
+  if fused is not None and not isinstance(fused, bool):
+    raise TypeError(f'fused must be a bool or None, got {type(fused).__name__}.')
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
   block_q, block_kv, kv_chunk = _auto_tiling(t, s, mask_obj, block_q, block_kv,
-                                             kv_chunk)
+                                             kv_chunk, query.shape[-1])
   bwd_q, bwd_kv = _auto_bwd_tiling(t, s, (block_q, block_kv, kv_chunk),
                                    bwd_block_q, bwd_block_kv)
   structure = mask_obj if mask_obj is not None else _AllVisible((t, s))
@@ -1234,7 +1321,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     bwd_plan = _make_plan(structure, n, kh, bwd_q, bwd_kv, b * n, lanes, 1)
   cfg = _Config(plan=plan, scale=float(scale),
                 soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-                bwd_plan=bwd_plan)
+                bwd_plan=bwd_plan,
+                fused=(_auto_fused(block_q, block_kv, kv_chunk, query.shape[-1])
+                       if fused is None else fused))
   out, lse = _flash_jit(cfg, query, key, value, bias, sinks, mask, q_segment_ids,
                         kv_segment_ids)
   if return_residuals:

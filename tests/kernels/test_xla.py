@@ -348,11 +348,11 @@ def test_only_active_tiles_visited_and_bitmaps_only_in_partial_tiles():
 
 def test_automatic_blocks_and_no_t_by_s_intermediates():
   assert xla.default_block_sizes(100, 3000) == (104, 256)
-  # Windows get chunks of smaller kv blocks; causal keeps 256 x 256, one per step.
+  # Windows get chunks of smaller kv blocks; causal gets 512 x 256, one per step.
   assert xla.tiling_for(4096, 4096, _window(4096, 4096, 60))[2] > 1
-  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 511)) == (128, 128, 5)
-  assert xla.tiling_for(4096, 4096, base.causal(4096)) == (256, 256, 1)
-  assert xla.block_sizes_for(4096, 4096, base.causal(4096)) == (256, 256)
+  assert xla.tiling_for(4096, 4096, _window(4096, 4096, 511)) == (192, 64, 11)
+  assert xla.tiling_for(4096, 4096, base.causal(4096)) == (512, 256, 1)
+  assert xla.block_sizes_for(4096, 4096, base.causal(4096)) == (512, 256)
   t = 2048
   q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
 
