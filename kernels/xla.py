@@ -6,7 +6,13 @@ FlashAttention-2, Dao 2023): for each block of queries, a running row maximum, r
 and output are updated block by block over keys, so no T x S array ever exists. Which
 tiles are visited comes from the compiled `BlockMask` (the block-sparse "MaskInfo" idea
 of JAX's splash attention): EMPTY tiles are skipped, FULL tiles are computed without
-mask work, and only PARTIAL tiles read a (deduplicated) bitmap.
+mask work, and only PARTIAL tiles read a (deduplicated) bitmap. The row sums come out
+of the P V dot through a column of ones appended to V.
+
+Two forms of a forward step, both exact: the online-softmax step (two dots), and
+`_fused_tile` (three dots), which XLA:CPU runs as two multi-threaded library calls.
+The fused form is the default only where a step's dots are too small for XLA:CPU to
+spread over cores (`_auto_fused`).
 
 The backward pass is a `jax.custom_vjp` that recomputes the probabilities tile by tile
 from the saved log-sum-exp: an outer loop over key blocks (the transposed lists of the
@@ -19,7 +25,7 @@ Static structure: the BlockMask, the work lists and the lane grouping are NumPy 
 built at trace time from the static mask object (cached), so a jitted caller compiles
 once per (shapes, mask). Query blocks are visited in order of their work; optionally
 several of them ("lanes", grouped by similar work, padding steps masked) share each
-step. On XLA:CPU one 256 x 256 tile per step was fastest (a 2-core machine), so lanes
+step. On XLA:CPU one 512 x 256 tile per step was fastest (a 2-core machine), so lanes
 are only used by default when tiles are tiny.
 
 KV chunks (forward only): a step may cover `kv_chunk` consecutive kv blocks of one
@@ -28,7 +34,7 @@ block_kv] bitmap concatenated from the member blocks (FULL: all True, EMPTY: all
 and deduplicated; chunks made only of FULL blocks skip mask work. A sliding window then
 costs one step per query block over about its window + block_q keys instead of several
 block-aligned tiles. `tiling_for` picks (block_q, block_kv, kv_chunk) with a small
-fitted cost model; causal masks keep 256 x 256 tiles one per step. Loops whose trip
+fitted cost model; causal masks get 512 x 256 tiles one per step. Loops whose trip
 count is the same for every query block are static (a single step is inlined).
 
 Einsum letters: c lane, b batch, k kv head, g query heads per kv head, m rows of a lane
@@ -508,13 +514,13 @@ def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
                       int(head_dim))
 
 
-# Backward tiles where the forward keeps its large tile one per step (dense and causal
+# Backward tiles where the forward takes large tiles one per step (dense and causal
 # structures): 256 query rows by 512 keys. In the backward's transposed layout the kv
 # block is the row dim of four of its five dots, and wider kv blocks ran faster
-# (causal T = 4096, N = 8, H = 64, side by side on the 2-core machine: fwd+bwd 0.73 s
-# with 256 x 512 backward tiles vs 1.03 s with 256 x 256; 256 x 1024, 512 x 512 and
-# 128 x 512 were slower; see kernels/README.md). Banded masks (kv chunks, smaller
-# tiles) keep the forward's tiles: no backward tiling measured better there.
+# (causal T = 4096, N = 8, H = 64, side by side on the 2-core machine, fwd+bwd: 0.45 s
+# with 256 x 512 backward tiles, 0.57 s with 256 x 256; 512 x 256, 512 x 512,
+# 128 x 512 and 256 x 1024 were 5-16% slower; see kernels/README.md). Banded masks (kv
+# chunks, smaller tiles) keep the forward's tiles.
 _BWD_DENSE_TILE = (256, 512)
 
 

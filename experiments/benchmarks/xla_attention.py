@@ -13,13 +13,15 @@ run's 2048 x 2048 float32 matmul FLOP/s:
   faster than `jax.nn.dot_product_attention` with the dense boolean mask (one head: the
   dense [N, T, T] logits of eight heads would need 17 GB);
 - forward + backward (jax.grad of a scalar) <= 3x the forward time;
-- causal T=65536, N=8, H=64 forward + backward: peak resident memory (ru_maxrss of a
+- causal T=65536, N=8, H=64 forward + backward: peak resident memory (VmHWM of a
   fresh subprocess) < 4 GiB.
 Times are minima over interleaved rounds (`common.interleaved_best`): each round times
 every contender once (ours, jax.nn, our fwd+bwd and the matmul for the causal rows;
 window and causal for the window row), so the slow phases of a shared machine hit them
 alike; the minimum is the least disturbed sample. Rows `*_bwd_tiling_sweep` time
-backward tilings. The 'quick' suite runs the same rows at small sizes.
+backward tilings, `tradeoff_*` what the two ratio targets read with the slower 256 x 256
+fused causal forward, `batched_tile_dot` XLA:CPU's dot threading threshold. The 'quick'
+suite runs the same rows at small sizes.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def causal_rows(t: int, n: int, h: int, rounds: int,
 
   Ours, jax.nn, our fwd+bwd and the 2048 x 2048 matmul are timed in the same
   interleaved rounds (`common.interleaved_best`). `sweep` lists (block_q, block_kv,
-  kv_chunk, lanes).
+  kv_chunk, lanes, fused) forward configurations (None: automatic).
   """
   q, k, v = _inputs(1, t, n, h)
   scale = h**-0.5
@@ -142,15 +144,16 @@ def causal_rows(t: int, n: int, h: int, rounds: int,
                effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
                meets_target=bool(t_grad / t_ours <= 3.0))]
   fns = dict(default=lambda: ours(q, k, v))
-  for bq, bk, chunk, lanes in sweep:
-    fn = _ours(mask, scale, block_q=bq, block_kv=bk, kv_chunk=chunk, lanes=lanes)
-    fns[(bq, bk, chunk, lanes)] = lambda fn=fn: fn(q, k, v)
+  for bq, bk, chunk, lanes, fused in sweep:
+    fn = _ours(mask, scale, block_q=bq, block_kv=bk, kv_chunk=chunk, lanes=lanes,
+               fused=fused)
+    fns[(bq, bk, chunk, lanes, fused)] = lambda fn=fn: fn(q, k, v)
   if sweep:
     sweep_best = common.interleaved_best(fns, max(1, rounds - 1))
-    for (bq, bk, chunk, lanes) in sweep:
-      sec = sweep_best[(bq, bk, chunk, lanes)]
+    for (bq, bk, chunk, lanes, fused) in sweep:
+      sec = sweep_best[(bq, bk, chunk, lanes, fused)]
       rows.append(dict(name=f'causal_fwd_T{t}_sweep', block_q=bq, block_kv=bk,
-                       kv_chunk=chunk, lanes=lanes, seconds=sec,
+                       kv_chunk=chunk, lanes=lanes, fused=fused, seconds=sec,
                        vs_default=sec / sweep_best['default'],
                        fraction_of_matmul=flops / sec / mm, matmul_flops=mm))
   return rows
@@ -230,9 +233,85 @@ def window_rows(t: int, window: int, n: int, h: int, mm: float, repeats: int,
   return rows
 
 
+def tradeoff_rows(t: int, t_win: int, window: int, n: int, h: int,
+                  rounds: int) -> list[dict[str, Any]]:
+  """The 256 x 256 fused forward against the two ratio targets, side by side.
+
+  Times, in the same interleaved rounds, the default causal forward, the 256 x 256
+  fused one and its fwd+bwd at T = t, and the automatic window against the 256 x 256
+  fused causal at T = t_win: what the two ratio targets read if causal ran slower.
+  """
+  scale = h**-0.5
+  q, k, v = _inputs(1, t, n, h)
+  qw, kw, vw = _inputs(1, t_win, n, h)
+  causal, causal_w = masks_base.causal(t), masks_base.causal(t_win)
+  win = sliding_window(t_win, window)
+  alt = dict(block_q=256, block_kv=256, kv_chunk=1, fused=True)
+  f_default = _ours(causal, scale)
+  f_alt = _ours(causal, scale, **alt)
+  g_alt = _grad_of(f_alt)
+  f_alt_w = _ours(causal_w, scale, **alt)
+  f_win = _ours(win, scale)
+  best = common.interleaved_best(dict(
+      default=lambda: f_default(q, k, v), alt=lambda: f_alt(q, k, v),
+      alt_grad=lambda: g_alt(q, k, v), alt_causal_w=lambda: f_alt_w(qw, kw, vw),
+      win=lambda: f_win(qw, kw, vw)), rounds)
+  rel = visible_pairs(t_win, window) / visible_pairs(t_win)
+  flops = 4.0 * h * n * visible_pairs(t)
+  mm = _MATMUL_FLOP / _best_time(_matmul_fn(), 3)
+  return [dict(name=f'tradeoff_256x256_fused_causal_T{t}', seconds=best['alt'],
+               default_seconds=best['default'],
+               alt_over_default=best['alt'] / best['default'],
+               fraction_of_matmul=flops / best['alt'] / mm, matmul_flops=mm,
+               fwd_bwd_seconds=best['alt_grad'],
+               fwd_bwd_over_fwd=best['alt_grad'] / best['alt'],
+               window_seconds=best['win'], causal_T_window_seconds=best['alt_causal_w'],
+               window_time_over_density_scaled_causal=(
+                   best['win'] / (rel * best['alt_causal_w'])))]
+
+
+def dot_rows(shapes: Sequence[tuple[int, int, int, int]],
+             rounds: int) -> list[dict[str, Any]]:
+  """FLOP/s of batched [B, M, K] x [B, K, N] dots run in a loop (as tile dots run).
+
+  Shows XLA:CPU's threading threshold: a dot whose batch items hold about 2^23
+  multiply-adds or more runs on both cores, smaller ones on one.
+  """
+  steps = 20
+  fns = {}
+  for b, m, kk, nn in shapes:
+    x = jnp.ones((steps, b, m, kk), jnp.float32)
+    y = jnp.full((b, kk, nn), 1e-3, jnp.float32)
+    f = jax.jit(lambda x, y: jax.lax.fori_loop(
+        0, steps, lambda i, c: c + jnp.einsum('bmk,bkn->bmn', x[i], y)[:, 0, 0].sum(),
+        0.0))
+    fns[(b, m, kk, nn)] = functools.partial(f, x, y)
+  best = common.interleaved_best(fns, rounds)
+  return [dict(name='batched_tile_dot', batch=b, m=m, k=kk, n=nn,
+               macs_per_item=m * kk * nn,
+               flops=2.0 * b * m * kk * nn * steps / best[(b, m, kk, nn)])
+          for b, m, kk, nn in shapes]
+
+
 _MEMORY_SCRIPT = r'''
 import json, resource, sys, time
 import numpy as np
+
+
+def peak_kib():
+  # VmHWM: this process's own peak RSS. ru_maxrss is not usable here: Linux carries
+  # it over fork and exec, so the child would report the benchmark parent's peak.
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r // 1024 if sys.platform == 'darwin' else r
+
+
 import jax, jax.numpy as jnp
 from attention.masks import base
 from kernels import xla
@@ -243,7 +322,7 @@ rng = np.random.default_rng(0)
 q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
            for _ in range(3)]
 jax.block_until_ready((q, k, v))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 mask = base.causal(t)
 f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
     xla.attention(q, k, v, scale=h ** -0.5, mask_obj=mask)), argnums=(0, 1, 2)))
@@ -251,14 +330,14 @@ start = time.perf_counter()
 g = jax.block_until_ready(f(q, k, v))
 seconds = time.perf_counter() - start
 finite = all(bool(jnp.isfinite(x).all()) for x in g)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kib()
 print(json.dumps(dict(peak_kib=peak, inputs_kib=before, seconds=seconds,
                       finite=finite)))
 '''
 
 
 def memory_row(t: int, n: int, h: int) -> dict[str, Any]:
-  """Peak RSS of causal fwd+bwd at length t in a fresh subprocess (ru_maxrss)."""
+  """Peak RSS of causal fwd+bwd at length t in a fresh subprocess (its VmHWM)."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ)
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
@@ -283,22 +362,30 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
   os.makedirs(workdir, exist_ok=True)
   mm = matmul_flops()
   if suite == 'quick':
-    rows = causal_rows(1024, 4, 64, 2, sweep=[(128, 128, 1, 1)])
+    rows = causal_rows(1024, 4, 64, 2, sweep=[(256, 256, 1, 1, None)])
     rows += causal_bwd_sweep_rows(1024, 4, 64, 1, [(256, 256), (256, 512)])
     rows += window_rows(2048, 256, 4, 64, mm, 2, sweep=[(256, 256, 1)])
+    rows += tradeoff_rows(1024, 2048, 256, 4, 64, 1)
+    rows += dot_rows([(8, 256, 64, 256), (8, 512, 64, 256)], 1)
     rows.append(memory_row(4096, 4, 64))
   else:
-    sweep = [(512, 256, 1, 1), (256, 512, 1, 1), (512, 512, 1, 1), (128, 128, 1, 1),
-             (256, 128, 2, 1), (256, 256, 1, 2), (128, 128, 1, 4)]
-    window_sweep = [(256, 256, 1), (128, 128, 1), (64, 64, 9), (128, 64, 10),
-                    (256, 128, 6)]
+    sweep = [(256, 256, 1, 1, True), (256, 256, 1, 1, False), (256, 512, 1, 1, None),
+             (512, 512, 1, 1, None), (512, 128, 2, 1, None), (1024, 256, 1, 1, None),
+             (512, 256, 1, 1, True), (128, 128, 1, 1, None), (256, 256, 1, 2, None)]
+    window_sweep = [(256, 128, 6), (160, 32, 21), (128, 128, 5), (128, 64, 10),
+                    (256, 256, 3), (64, 64, 9)]
     if suite == 'full':
-      sweep += [(128, 256, 1, 1), (1024, 256, 1, 1), (64, 64, 1, 8)]
-      window_sweep += [(64, 64, 1), (128, 64, 1), (256, 64, 12), (192, 64, 11)]
+      sweep += [(128, 256, 1, 1, None), (512, 128, 1, 1, None), (64, 64, 1, 8, None)]
+      window_sweep += [(256, 256, 1), (128, 128, 1), (64, 64, 1), (256, 64, 12),
+                       (512, 256, 4)]
     rows = causal_rows(4096, 8, 64, 8, sweep=sweep)
     rows += causal_bwd_sweep_rows(4096, 8, 64, 5, [(256, 256), (256, 512), (512, 512),
-                                                   (128, 512), (256, 1024)])
+                                                   (512, 256), (128, 512),
+                                                   (256, 1024)])
     rows += window_rows(16384, 512, 8, 64, mm, 3, sweep=window_sweep)
+    rows += tradeoff_rows(4096, 16384, 512, 8, 64, 4)
+    rows += dot_rows([(8, 256, 64, 256), (8, 512, 64, 256), (8, 256, 64, 512),
+                      (8, 256, 256, 64), (8, 512, 256, 64), (1, 2048, 64, 2048)], 3)
     rows.append(memory_row(65536, 8, 64))
   rows.append(dict(name='matmul_2048_f32_end_of_run', flops=matmul_flops(),
                    matmul_flops_start_of_run=mm))
