@@ -12,7 +12,7 @@ of the P V dot through a column of ones appended to V.
 Two forms of a forward step, both exact: the online-softmax step (two dots), and
 `_fused_tile` (three dots), which XLA:CPU runs as two multi-threaded library calls.
 The fused form is the default only where a step's dots are too small for XLA:CPU to
-spread over cores (`_auto_fused`).
+spread over cores and the batch is small (`_auto_fused`).
 
 The backward pass is a `jax.custom_vjp` that recomputes the probabilities tile by tile
 from the saved log-sum-exp: an outer loop over key blocks (the transposed lists of the
@@ -380,18 +380,24 @@ _CHUNK_CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 16)
 # x 64 x 256 ran at one core's speed, 512 x 64 x 256 at 1.7x it) and on one core
 # below that.
 _THREADED_DOT = 1 << 23
+_FUSED_MAX_BATCH = 8
 
 
-def _auto_fused(block_q: int, block_kv: int, kv_chunk: int, head_dim: int) -> bool:
+def _auto_fused(block_q: int, block_kv: int, kv_chunk: int, head_dim: int,
+                group: int = 1, batch_items: int = 1) -> bool:
   """Default forward step: `_fused_tile` where the plain step's dots run on one core.
 
   The fused step spends a third logits dot to turn the step into two calls XLA:CPU
-  runs multi-threaded; that paid off only for one-block steps whose dots stay under
-  `_THREADED_DOT` (causal T = 4096, N = 8, H = 64: 256 x 256 tiles 0.18 s fused vs
-  0.22 s plain; 512 x 256 tiles 0.20 s fused vs 0.14 s plain; sliding-window chunks
-  were slower fused at every tiling tried).
+  runs multi-threaded. That paid off only for one-block steps whose dots stay under
+  `_THREADED_DOT` (per batch item: group * block_q rows of block_kv keys) and have at
+  most `_FUSED_MAX_BATCH` batch items (batch * kv heads). Causal T = 4096, B * N = 8,
+  H = 64: 256 x 256 tiles 0.18 s fused vs 0.22 s plain; 512 x 256 tiles 0.20 s fused vs
+  0.14 s plain. With 16-256 batch items (T = 64..512, automatic tiles) the plain step
+  was 1.3-1.7x faster, and sliding-window chunks were slower fused at every tiling
+  tried.
   """
-  return kv_chunk == 1 and block_q * block_kv * head_dim < _THREADED_DOT
+  return (kv_chunk == 1 and batch_items <= _FUSED_MAX_BATCH and
+          group * block_q * block_kv * head_dim < _THREADED_DOT)
 
 
 
@@ -1328,7 +1334,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   cfg = _Config(plan=plan, scale=float(scale),
                 soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                 bwd_plan=bwd_plan,
-                fused=(_auto_fused(block_q, block_kv, kv_chunk, query.shape[-1])
+                fused=(_auto_fused(block_q, block_kv, kv_chunk, query.shape[-1],
+                                   group=n // kh, batch_items=b * kh)
                        if fused is None else fused))
   out, lse = _flash_jit(cfg, query, key, value, bias, sinks, mask, q_segment_ids,
                         kv_segment_ids)

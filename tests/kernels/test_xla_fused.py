@@ -129,6 +129,10 @@ def test_auto_fused_only_where_tile_dots_run_on_one_core():
   assert not xla._auto_fused(256, 256, 1, 128)  # pylint: disable=protected-access
   # Chunked (banded) steps always take the online form.
   assert not xla._auto_fused(64, 64, 4, 64)  # pylint: disable=protected-access
+  # GQA rows count towards the dot size; many batch items keep the online form.
+  assert not xla._auto_fused(256, 256, 1, 64, group=2)  # pylint: disable=protected-access
+  assert xla._auto_fused(256, 256, 1, 64, batch_items=8)  # pylint: disable=protected-access
+  assert not xla._auto_fused(256, 256, 1, 64, batch_items=16)  # pylint: disable=protected-access
   with pytest.raises(TypeError, match='fused'):
     q = jnp.zeros((1, 8, 2, 4))
     xla.attention(q, q, q, scale=1.0, fused='yes')
