@@ -525,8 +525,10 @@ def tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
 # block is the row dim of four of its five dots, and wider kv blocks ran faster
 # (causal T = 4096, N = 8, H = 64, side by side on the 2-core machine, fwd+bwd: 0.45 s
 # with 256 x 512 backward tiles, 0.57 s with 256 x 256; 512 x 256, 512 x 512,
-# 128 x 512 and 256 x 1024 were 5-16% slower; see kernels/README.md). Banded masks (kv
-# chunks, smaller tiles) keep the forward's tiles.
+# 128 x 512 and 256 x 1024 were 5-16% slower; see kernels/README.md). Banded (chunked)
+# plans get square tiles of the largest power of two up to the forward's block_q
+# (fwd+bwd, T = 16384, window 512: 128 x 128 0.86 s against 0.99 s with the forward's
+# 192 x 64; T = 8192, windows 128 / 64: 64 x 64 as good as or better than 128 x 128).
 _BWD_DENSE_TILE = (256, 512)
 
 
@@ -539,6 +541,9 @@ def _auto_bwd_tiling(q_len: int, kv_len: int, fwd_tiling: tuple[int, int, int],
   if chunk == 1 and fq >= big_q and fk >= big_kv:  # not a banded / small-tile plan
     auto = (min(_BWD_DENSE_TILE[0], _round_up(q_len, 8)),
             min(_BWD_DENSE_TILE[1], _round_up(kv_len, 8)))
+  elif chunk > 1:  # banded: square tiles on the scale of the forward's query block
+    side = min(1 << (fq.bit_length() - 1), 256)
+    auto = (min(side, _round_up(q_len, 8)), min(side, _round_up(kv_len, 8)))
   else:
     auto = (fq, fk)
   return (block_q or auto[0], block_kv or auto[1])
@@ -551,9 +556,10 @@ def bwd_tiling_for(q_len: int, kv_len: int, mask_obj: masks_base.Mask | None, *,
                    head_dim: int = 64) -> tuple[int, int]:
   """Automatic backward (block_q, block_kv) for the forward tiling of `tiling_for`.
 
-  The forward's tiles unless it takes tiles of at least 256 x 256 one per step (dense
-  and causal structures), where the backward takes 256 x 512 tiles
-  (`_BWD_DENSE_TILE`). Given arguments are kept.
+  Dense and causal structures (forward tiles of at least 256 x 256, one per step) get
+  256 x 512 tiles (`_BWD_DENSE_TILE`); banded plans (kv chunks) square tiles of the
+  largest power of two up to the forward's block_q, at most 256; other plans the
+  forward's tiles. Given arguments are kept.
   """
   fwd = tiling_for(q_len, kv_len, mask_obj, block_q=block_q, block_kv=block_kv,
                    kv_chunk=kv_chunk, head_dim=head_dim)

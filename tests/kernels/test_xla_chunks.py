@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention import reference
 from attention.masks import base
 from kernels import xla
 from tests.kernels import test_xla as helpers
@@ -166,8 +167,13 @@ def test_auto_bwd_tiling_widens_kv_for_dense_structures():
   assert xla.bwd_tiling_for(t, t, base.causal(t)) == (256, 512)
   assert xla.bwd_tiling_for(t, t, None) == (256, 512)
   assert xla.bwd_tiling_for(t, 300, None) == (256, 304)  # capped at the 8-aligned S
-  # Banded (chunked) forward tilings and short sequences keep the forward's tiles.
-  assert xla.bwd_tiling_for(t, t, win) == xla.tiling_for(t, t, win)[:2]
+  # Banded (chunked) forward tilings get square power-of-two tiles up to block_q;
+  # short sequences keep the forward's tiles.
+  bq = xla.tiling_for(t, t, win)[0]
+  side = xla.bwd_tiling_for(t, t, win)[0]
+  assert xla.bwd_tiling_for(t, t, win) == (side, side)
+  assert side <= bq < 2 * side and side & (side - 1) == 0
+  assert xla.bwd_tiling_for(t, t, win, block_q=192, kv_chunk=11) == (128, 128)
   assert xla.bwd_tiling_for(100, 100, None) == (104, 104)
   # Given values are kept, explicit forward tiles change the automatic choice.
   assert xla.bwd_tiling_for(t, t, None, bwd_block_q=64) == (64, 512)
@@ -196,3 +202,27 @@ def test_default_dense_backward_tiles_match_reference():
     for name, g, w in zip(('dq', 'dk', 'dv', 'dbias', 'dsinks'), got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9,
                                  rtol=1e-9, err_msg=name)
+
+
+def test_automatic_banded_backward_tiles_match_reference():
+  """A chunked forward (192-row blocks) with its automatic 128 x 128 backward tiles."""
+  rng = np.random.default_rng(23)
+  t, n, kh = 400, 4, 2
+  mask_obj = base.causal(t) & ~base.causal(t, offset=-150)
+  fwd = xla.tiling_for(t, t, mask_obj, block_q=192, kv_chunk=6)
+  assert fwd[2] == 6 and xla.bwd_tiling_for(t, t, mask_obj, block_q=192,
+                                            kv_chunk=6) == (128, 128)
+  with jax.enable_x64(True):
+    q, k, v = _rand(rng, 1, t, n, 8), _rand(rng, 1, t, kh, 8), _rand(rng, 1, t, kh, 6)
+
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    ours = loss(lambda q, k, v: xla.attention(q, k, v, scale=0.35, mask_obj=mask_obj,
+                                              block_q=192, kv_chunk=6))
+    ref = loss(lambda q, k, v: reference.attention(q, k, v, scale=0.35,
+                                                   mask_obj=mask_obj))
+    got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9, rtol=1e-9)
