@@ -400,16 +400,16 @@ def _auto_fused(block_q: int, block_kv: int, kv_chunk: int, head_dim: int,
           group * block_q * block_kv * head_dim < _THREADED_DOT)
 
 
-
-def _step_rate(block_q: int, width: int, kv_chunk: int, head_dim: int) -> float:
+def _step_rate(block_q: int, block_kv: int, kv_chunk: int, head_dim: int) -> float:
+  width = kv_chunk * block_kv
   rate = next((r for rows, r in _ROW_RATE if block_q <= rows), 1.0)
   if block_q * width > _BIG_TILE:
     rate *= 1.0 + _BIG_TILE_RATE * float(np.log2(block_q * width / _BIG_TILE))
-  if block_q * width * head_dim >= _THREADED_DOT:
-    return rate
-  if _auto_fused(block_q, width // kv_chunk, kv_chunk, head_dim):
+  if _auto_fused(block_q, block_kv, kv_chunk, head_dim):
     return rate * _FUSED_RATE
-  return rate * _ONE_CORE_RATE
+  if block_q * width * head_dim < _THREADED_DOT:
+    return rate * _ONE_CORE_RATE
+  return rate
 
 
 def _chunk_counts(state: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -456,7 +456,7 @@ def _tiling_cost(mask_obj: masks_base.Mask, block_q: int, block_kv: int,
   states, weights = _structures(mask_obj, block_q, block_kv)
   width = kv_chunk * block_kv
   elements = block_q * width
-  per_step = elements * _step_rate(block_q, width, kv_chunk, head_dim) + _STEP_COST
+  per_step = elements * _step_rate(block_q, block_kv, kv_chunk, head_dim) + _STEP_COST
   total = 0.0
   for state, weight in zip(states, weights):
     if not weight:
@@ -911,6 +911,11 @@ def _compute_dtype(*arrays) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _rowwise(x: jax.Array) -> jax.Array:
+  """Per-row values [C, B, Ku, gu, bq] -> [C, B, Ku, gu * bq, 1] (the output rows)."""
+  return x.reshape(x.shape[:3] + (-1, 1))
+
+
 def _fused_tile(tiles: _Tiles, qt, kt, vt, rows, cols, bitmap_ids, valid):
   """One forward tile as two single-output computations XLA:CPU fuses whole.
 
@@ -982,27 +987,26 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg):
         m, o = carry  # o: [C, B, Ku, gu * bq, Hv + 1], row sums in the last column
         kt = tiles.kv(tiles.k_src, cols)  # [C, B, Ku, W, H]
         vt = tiles.kv(tiles.v_src, cols)  # [C, B, Ku, W, Hv + 1]
-        rowwise = lambda x: x.reshape(x.shape[:3] + (-1, 1))  # -> [C, B, Ku, m, 1]
         if cfg.fused:
           m_t, a = _fused_tile(tiles, qt, kt, vt, rows, cols, bitmap_ids, valid)
-          m_new = jnp.maximum(m, m_t)
-          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-          corr = jnp.exp(m - m_safe)  # rescales what was accumulated so far
-          scale = jnp.exp(m_t - m_safe)  # 0 for rows this tile hides entirely
-          return m_new, o * rowwise(corr) + a * rowwise(scale)
-        s, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid)
-        m_new = jnp.maximum(m, s.max(-1))
+        else:
+          s, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid)
+          m_t = s.max(-1)  # [C, B, Ku, gu, bq]
+        m_new = jnp.maximum(m, m_t)
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        o = o * _rowwise(jnp.exp(m - m_safe))  # rescales what was accumulated so far
+        if cfg.fused:  # a is relative to m_t: exp(m_t - m_safe) is 0 for hidden rows
+          return m_new, o + a * _rowwise(jnp.exp(m_t - m_safe))
         p = jnp.exp(s - m_safe[..., None])  # [C, B, Ku, gu, bq, W]
         pv = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) +
                                                     p.shape[-1:]), vt,
                    precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv + 1]
-        return m_new, o * rowwise(jnp.exp(m - m_safe)) + pv
+        return m_new, o + pv
 
       m, o = _scan_steps(lists, x, body, (m0, o0))
       o, l = o[..., :-1], o[..., -1].reshape(m.shape)
       safe = jnp.where(l > 0, l, 1.0)
-      o = o / safe.reshape(safe.shape[:3] + (-1, 1))
+      o = o / _rowwise(safe)
       lse = jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
       return None, (o, lse)
 

@@ -238,8 +238,9 @@ def tradeoff_rows(t: int, t_win: int, window: int, n: int, h: int,
   """The 256 x 256 fused forward against the two ratio targets, side by side.
 
   Times, in the same interleaved rounds, the default causal forward, the 256 x 256
-  fused one and its fwd+bwd at T = t, and the automatic window against the 256 x 256
-  fused causal at T = t_win: what the two ratio targets read if causal ran slower.
+  fused one and its fwd+bwd at T = t, the automatic window against the 256 x 256
+  fused causal at T = t_win, and the 2048 x 2048 matmul: what the two ratio targets
+  read if causal ran slower.
   """
   scale = h**-0.5
   q, k, v = _inputs(1, t, n, h)
@@ -255,10 +256,10 @@ def tradeoff_rows(t: int, t_win: int, window: int, n: int, h: int,
   best = common.interleaved_best(dict(
       default=lambda: f_default(q, k, v), alt=lambda: f_alt(q, k, v),
       alt_grad=lambda: g_alt(q, k, v), alt_causal_w=lambda: f_alt_w(qw, kw, vw),
-      win=lambda: f_win(qw, kw, vw)), rounds)
+      win=lambda: f_win(qw, kw, vw), matmul=_matmul_fn()), rounds)
   rel = visible_pairs(t_win, window) / visible_pairs(t_win)
   flops = 4.0 * h * n * visible_pairs(t)
-  mm = _MATMUL_FLOP / _best_time(_matmul_fn(), 3)
+  mm = _MATMUL_FLOP / best['matmul']
   return [dict(name=f'tradeoff_256x256_fused_causal_T{t}', seconds=best['alt'],
                default_seconds=best['default'],
                alt_over_default=best['alt'] / best['default'],
