@@ -41,3 +41,15 @@ def test_interleaved_best_rotates_and_takes_minimum(monkeypatch):
   assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']
   with pytest.raises(ValueError, match='rounds'):
     common.interleaved_best(dict(a=lambda: None), rounds=0)
+
+
+def test_memory_row_reports_the_child_not_the_parent():
+  """The child's peak must not include this (parent) process's 1 GiB array.
+
+  Linux carries ru_maxrss over fork and exec; the row reads the child's VmHWM.
+  """
+  parent_ballast = np.ones((256, 1024, 1024), np.float32)  # 1 GiB, touched
+  row = xla_attention.memory_row(256, 2, 16)
+  assert parent_ballast[-1, -1, -1] == 1.0
+  assert row['grads_finite'] and row['meets_target']
+  assert 0.0 < row['peak_rss_before_attention_gib'] <= row['peak_rss_gib'] < 0.9

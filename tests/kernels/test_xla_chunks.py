@@ -226,3 +226,11 @@ def test_automatic_banded_backward_tiles_match_reference():
     want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize('head_dim, error', [(0, ValueError), (2.5, TypeError)])
+def test_tiling_for_bad_head_dim_raises(head_dim, error):
+  with pytest.raises(error, match='head_dim'):
+    xla.tiling_for(64, 64, None, head_dim=head_dim)
+  with pytest.raises(error, match='head_dim'):
+    xla.bwd_tiling_for(64, 64, None, head_dim=head_dim)
