@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from attention.masks import base as masks_base
+from kernels import problem as problem_lib
 
 # Einsum letters: b batch, t query position, s key position, k kv head,
 # g query heads per kv head (N = K * G), h head dim, v value head dim.
@@ -20,8 +21,7 @@ def _compute_dtype(*arrays) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def combined_mask(*, batch: int, num_heads: int, q_len: int, kv_len: int,
-                  mask: jax.Array | None = None,
+def combined_mask(*, mask: jax.Array | None = None,
                   mask_obj: masks_base.Mask | None = None,
                   q_segment_ids: jax.Array | None = None,
                   kv_segment_ids: jax.Array | None = None) -> jax.Array | None:
@@ -40,7 +40,6 @@ def combined_mask(*, batch: int, num_heads: int, q_len: int, kv_len: int,
   if q_segment_ids is not None:
     seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
     result = conj(result, seg)
-  del batch, num_heads, q_len, kv_len
   return result
 
 
@@ -69,24 +68,18 @@ def _softmax_jvp(primals, tangents):
   return (probs, denom), (probs * (d_logits - mean[..., None]), denom * mean)
 
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
-              scale: float, bias: jax.Array | None = None,
-              mask: jax.Array | None = None,
-              mask_obj: masks_base.Mask | None = None,
-              logits_soft_cap: float | None = None,
-              sinks: jax.Array | None = None,
-              q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None,
-              return_residuals: bool = False):
-  """Dense softmax attention on validated inputs (see `dot_product_attention`).
+def attention(query: jax.Array, key: jax.Array, value: jax.Array,
+              problem: problem_lib.AttentionProblem):
+  """Dense softmax attention of a validated problem (see `kernels.problem`).
 
-  Returns out [B, T, N, H_v] in query's dtype, and with `return_residuals` also the
-  log-sum-exp [B, N, T] (float32 or float64; -inf for rows with no visible key and
-  no sink).
+  Returns out [B, T, N, H_v] in query's dtype, and with `problem.return_residuals`
+  also the log-sum-exp [B, N, T] (float32 or float64; -inf for rows with no visible
+  key and no sink).
   """
   b, t, n, h = query.shape
   _, s, kh, _ = key.shape
   g = n // kh
+  bias, sinks = problem.bias, problem.sinks
   cdt = _compute_dtype(query, key, value, bias, sinks)
   q = query.astype(cdt).reshape(b, t, kh, g, h)
   k = key.astype(cdt)
@@ -97,15 +90,17 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   kx = k.transpose(0, 2, 1, 3).reshape(b * kh, s, h)  # [B*K, S, H]
   logits = jnp.einsum('xmh,xsh->xms', qx, kx,
                       precision=jax.lax.Precision.HIGHEST)  # [B*K, G*T, S]
-  logits = logits.reshape(b, n, t, s) * jnp.asarray(scale, cdt)  # [B, N, T, S]
-  if logits_soft_cap is not None:
-    cap = jnp.asarray(logits_soft_cap, cdt)
+  logits = logits.reshape(b, n, t, s) * jnp.asarray(problem.scale, cdt)  # [B, N, T, S]
+  if problem.logits_soft_cap is not None:
+    cap = jnp.asarray(problem.logits_soft_cap, cdt)
     logits = cap * jnp.tanh(logits / cap)
+  grids = problem_lib.index_grids(b, n, t, s)
+  logits = problem_lib.apply_score_mod(problem.score_mod, logits, *grids)
   if bias is not None:
     logits = logits + bias.astype(cdt)
-  visible = combined_mask(batch=b, num_heads=n, q_len=t, kv_len=s, mask=mask,
-                          mask_obj=mask_obj, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids)
+  visible = combined_mask(mask=problem.mask, mask_obj=problem.mask_obj,
+                          q_segment_ids=problem.q_segment_ids,
+                          kv_segment_ids=problem.kv_segment_ids)
   if visible is not None:
     logits = jnp.where(visible, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1)  # [B, N, T]
@@ -117,13 +112,16 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
           sinks.astype(cdt)[None, :, None])  # [1, N, 1]
   probs, denom = _softmax(logits, row_max, sink)  # [B, N, T, S], [B, N, T]
   safe = jnp.where(denom > 0, denom, 1.0)
+  if problem.has_dropout:
+    probs = probs * problem_lib.dropout_multiplier(
+        problem.dropout_seed, problem.dropout_rate, *grids, cdt)
   hv = v.shape[-1]
   vx = v.transpose(0, 2, 1, 3).reshape(b * kh, s, hv)  # [B*K, S, H_v]
   out = jnp.einsum('xms,xsv->xmv', probs.reshape(b * kh, g * t, s), vx,
                    precision=jax.lax.Precision.HIGHEST)  # [B*K, G*T, H_v]
   out = out.reshape(b, kh, g, t, hv).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H_v]
   out = out.reshape(b, t, n, hv).astype(query.dtype)
-  if not return_residuals:
+  if not problem.return_residuals:
     return out
   lse = jnp.where(denom > 0, row_max + jnp.log(safe), -jnp.inf)
   return out, lse
