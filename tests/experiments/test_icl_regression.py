@@ -24,7 +24,7 @@ def _run_main(argv):
 
 
 def test_entry_point_tiny_main_run(tmp_path):
-  """Miniature of the slow test below: main run only (findings 1-4 outputs)."""
+  """Main run only (findings 1-4 outputs)."""
   workdir = str(tmp_path / 'w')
   _run_main([f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
              '--eval_lengths=10,40,60', '--noniso=false', '--multitask=false',
@@ -43,11 +43,12 @@ def test_entry_point_tiny_main_run(tmp_path):
   assert 'noniso' not in summary and 'multitask' not in summary
 
 
-@pytest.mark.slow
 def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
+  """All runs (main + non-isotropic + multi-task), interrupted and resumed."""
   workdir = str(tmp_path / 'w')
-  argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=128',
-          '--eval_lengths=10,40,60']
+  argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
+          '--eval_lengths=10,40,60', '--steps=40', '--noniso_steps=20',
+          '--multitask_steps=20']
   _run_main(argv + ['--interrupt_after_steps=20'])
   assert 'Interrupted' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
@@ -55,7 +56,7 @@ def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['timing']['runs']['main']['resumed_from'] == 20
-  assert summary['timing']['runs']['main']['steps_run'] == 40
+  assert summary['timing']['runs']['main']['steps_run'] == 20
   for name in summary['figures']:
     path = os.path.join(workdir, name)
     assert os.path.getsize(path) > 5000, name
