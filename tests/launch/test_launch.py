@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -100,6 +101,34 @@ def test_local_launch_failure_propagates():
     local.launch(['true'], num_processes=0)
   with pytest.raises(ValueError, match='command must be non-empty'):
     local.launch([], num_processes=1)
+
+
+def test_local_launch_stops_the_others_when_a_nonzero_process_fails():
+  """Process 1 failing must stop process 0 at once, not after its own 15 s."""
+  out = io.StringIO()
+  t0 = time.monotonic()
+  code = local.launch(
+      ['bash', '-c', 'if [ $JAX_PROCESS_ID = 1 ]; then exit 3; else sleep 15; fi'],
+      num_processes=2, out=out, grace_period=1.0)
+  elapsed = time.monotonic() - t0
+  assert code == 3
+  assert elapsed < 8, elapsed
+  text = out.getvalue()
+  assert 'process 1' in text and 'exit code 3' in text, text
+  assert 'stopping' in text, text
+
+
+def test_local_launch_kills_a_process_that_ignores_sigterm():
+  out = io.StringIO()
+  t0 = time.monotonic()
+  code = local.launch(
+      ['bash', '-c', 'if [ $JAX_PROCESS_ID = 0 ]; then sleep 1; exit 5; fi; '
+       "trap '' TERM; sleep 20"],
+      num_processes=2, out=out, grace_period=1.0)
+  elapsed = time.monotonic() - t0
+  assert code == 5
+  assert 2.0 <= elapsed < 10, elapsed  # 1 s, then the 1 s grace, then SIGKILL.
+  assert 'process 0 failed with exit code 5' in out.getvalue()
 
 
 def test_tpu_pod_commands():
