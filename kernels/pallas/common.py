@@ -6,8 +6,10 @@ Partitioning") restricted to the active tiles of a compiled `BlockMask`, the sam
 block-sparse scheme as JAX's splash attention. This module owns what does not depend
 on the hardware: which mask arrays join the BlockMask and which become bias tiles,
 the static plan (the BlockMask turned into int32 scalar tables), padding and layout,
-the `custom_vjp` wiring, and the parts of the backward pass that are cheap elementwise
-XLA (delta = rowsum(o * do) - dlse, the sink gradient, the bias-gradient reduction).
+the `custom_vjp` wiring, the per-tile math both kernels share (soft-cap, score_mod and
+its vjp, the dropout multiplier), the parts of the backward pass that are cheap
+elementwise XLA (delta = rowsum(o * do) - dlse, the sink gradient, summing per-program
+bias / score_mod-parameter gradient partials), and the score_mod lowering check.
 
 Layout inside the kernels: q/out/do [B, N, T_pad, H], k/v [B, K, S_pad, H]; query head
 n reads kv head n // G (G = N // K) through the index maps, so k/v are never repeated.
@@ -27,6 +29,7 @@ import numpy as np
 from attention.masks import base as masks_base
 from attention.masks import static as masks_static
 from attention.masks import block as masks_block
+from kernels import problem as problem_lib
 from kernels._arrays import pad_axis  # pylint: disable=unused-import (used as common.pad_axis)
 
 # Finite stand-in for -inf inside the kernels (as splash attention): exp() of it is 0
@@ -184,6 +187,10 @@ class Config:
   interpret: bool
   bias_batch: bool | None = None  # None: no bias; else bias has a batch dim > 1
   bias_heads: bool = False  # bias has a head dim > 1
+  bias_rows: bool = True  # bias has a query dim; False: [Bb, Nb, 1, S] (key bias)
+  mod: Any = None  # (fn, name, treedef) of the score_mod, or None
+  param_shapes: tuple[tuple[tuple[int, ...], str], ...] = ()  # flattened params
+  dropout_rate: float = 0.0
   extra: Any = None  # kernel-specific settings (e.g. GPU num_warps)
 
   @property
@@ -194,75 +201,211 @@ class Config:
   def has_bias(self) -> bool:
     return self.bias_batch is not None
 
+  @property
+  def has_dropout(self) -> bool:
+    return self.dropout_rate > 0
+
+  @property
+  def needs_ids(self) -> bool:
+    """Whether tiles need (b, h, q_idx, kv_idx) index arrays (score_mod, dropout)."""
+    return self.mod is not None or self.has_dropout
+
+  @property
+  def num_params(self) -> int:
+    return len(self.param_shapes)
+
   def bias_index(self, b, n):
     """Batch / head block index of the bias for batch b, query head n."""
     return (b if self.bias_batch else 0), (n if self.bias_heads else 0)
 
 
-# fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out [B,N,Tp,Hv], lse [B,N,Tp])
+def kernel_param_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Kernel-side shape of a score_mod parameter (0-d leaves travel as [1])."""
+  return tuple(shape) if shape else (1,)
+
+
+def _is_float(dtype: Any) -> bool:
+  return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+
+
+# ------------------------------------------------------------------ tile math
+
+
+def read_params(cfg: Config, refs) -> list[jax.Array]:
+  """The score_mod's parameter leaves read from their whole-array refs."""
+  return [r[...].reshape(shape) for r, (shape, _) in zip(refs, cfg.param_shapes)]
+
+
+def _call_mod(cfg: Config, leaves, score, ids):
+  fn, _, treedef = cfg.mod
+  params = jax.tree_util.tree_unflatten(treedef, list(leaves))
+  return fn(params, score, *ids).astype(jnp.float32)
+
+
+def tile_logits(cfg: Config, s: jax.Array, leaves, ids):
+  """Logits of a tile from s = scale * q k^T (float32): soft-cap, then score_mod.
+
+  Returns (z, pre, tanh): z the modified logits (bias and mask still to come), pre
+  the score_mod's input (for its vjp), tanh for the soft-cap gradient (or None).
+  """
+  t = None
+  if cfg.soft_cap is not None:
+    t = jnp.tanh(s / cfg.soft_cap)
+    s = cfg.soft_cap * t
+  pre = s
+  if cfg.mod is not None:
+    s = _call_mod(cfg, leaves, s, ids)
+  return s, pre, t
+
+
+def tile_dlogits(cfg: Config, ds: jax.Array, pre, t, leaves, ids,
+                 with_params: bool):
+  """d(scale * q k^T) from dz = d logits, through score_mod and the soft-cap.
+
+  With `with_params`, also this tile's gradient of the float score_mod parameters
+  ({leaf index: gradient}); the mod's vjp is taken per tile (FlexAttention's
+  backward, Dong et al. 2024).
+  """
+  dparams = None
+  if cfg.mod is not None:
+    floats = ([i for i, (_, dt) in enumerate(cfg.param_shapes) if _is_float(dt)]
+              if with_params else [])
+
+    def f(pre, *flt):
+      full = list(leaves)
+      for i, x in zip(floats, flt):
+        full[i] = x
+      return _call_mod(cfg, full, pre, ids)
+
+    _, vjp = jax.vjp(f, pre, *[leaves[i] for i in floats])
+    ds, *dflt = vjp(ds)
+    if with_params:
+      dparams = dict(zip(floats, dflt))
+  if t is not None:
+    ds = ds * (1.0 - t * t)
+  return ds, dparams
+
+
+def tile_dropout(cfg: Config, seed, ids) -> jax.Array:
+  """keep / (1 - rate) of the tile (float32) from the int32-bitcast seed pair."""
+  seed = tuple(jax.lax.bitcast_convert_type(x, jnp.uint32) for x in seed)
+  return problem_lib.dropout_multiplier(seed, cfg.dropout_rate, *ids, jnp.float32)
+
+
+def safe_normalize(l: jax.Array, m: jax.Array):
+  """(1 / l, lse) with zeros / -inf for rows that saw nothing (l == 0).
+
+  Tests l == 0 rather than l > 0 so that a NaN row (NaN in the query) stays NaN.
+  """
+  empty = l == 0.0
+  safe = jnp.where(empty, 1.0, l)
+  return (jnp.where(empty, 0.0, 1.0 / safe), jnp.where(empty, -jnp.inf,
+                                                      m + jnp.log(safe)))
+
+
+# fwd(cfg, q, k, v, opt) -> (out [B,N,Tp,Hv], lse [B,N,Tp]); opt: see `make_flash`.
 ForwardFn = Callable[..., tuple[jax.Array, jax.Array]]
-# bwd(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do) -> (dq, dk, dv, dlogits),
-# dlogits [B, N, Tp, Sp] float32 (the bias gradient) or None without bias.
-BackwardFn = Callable[..., tuple[jax.Array, ...]]
+# bwd(cfg, q, k, v, opt, lse, di, do) -> (dq, dk, dv, dbias, dparams): dbias in the
+# bias's own shape (partials already summed) or None; dparams a tuple of float32
+# gradients of the float params in kernel shapes (None for non-float leaves).
+BackwardFn = Callable[..., tuple[Any, ...]]
 
 
 def make_flash(forward: ForwardFn, backward: BackwardFn):
   """Wires a forward and a backward kernel into one `custom_vjp` function.
 
-  The returned f(cfg, q, k, v, bias, sinks, q_seg, kv_seg) -> (out, lse) works on
-  padded, head-major inputs (bias [Bb, Nb, Tp, Sp] with Bb in {1, B}, Nb in {1, N}).
+  The returned f(cfg, q, k, v, opt) -> (out, lse) works on padded, head-major inputs;
+  `opt` is a dict of the optional inputs: bias [Bb, Nb, Tb, Sp] (Bb in {1, B}, Nb in
+  {1, N}, Tb in {1, Tp}), sinks [N], q_seg [B, Tp], kv_seg [B, Sp], seed int32[2]
+  (the bitcast dropout seed) and params (tuple of score_mod leaves, kernel shapes).
   The backward pass folds the lse cotangent into
   delta_i = rowsum(o_i * do_i) - dlse_i (FlashAttention-2, Alg. 2), so
-  dS = P * (dP - delta) covers both, and the sink gradient is
+  dS = P * (dP - delta) covers both (with dropout, o is the dropped output, as
+  delta = rowsum(P * dP) needs), and the sink gradient is
   dsink_h = -sum_{b,t} exp(sink_h - lse) * delta.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-  def flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
-    return forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+  def flash(cfg, q, k, v, opt):
+    return forward(cfg, q, k, v, opt)
 
-  def flash_fwd(cfg, q, k, v, bias, sinks, q_seg, kv_seg):
-    out, lse = forward(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
-    return (out, lse), (q, k, v, bias, sinks, q_seg, kv_seg, out, lse)
+  def flash_fwd(cfg, q, k, v, opt):
+    out, lse = forward(cfg, q, k, v, opt)
+    return (out, lse), (q, k, v, opt, out, lse)
 
   def flash_bwd(cfg, res, cts):
-    q, k, v, bias, sinks, q_seg, kv_seg, out, lse = res
+    q, k, v, opt, out, lse = res
     do, dlse = cts
     di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     di = di - dlse.astype(jnp.float32)  # [B, N, Tp]
     # Rows that see nothing have lse = -inf; +inf makes every exp() vanish.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-    dq, dk, dv, dlogits = backward(cfg, q, k, v, bias, q_seg, kv_seg,
-                                   lse_safe, di, do.astype(q.dtype))
-    dbias = None
-    if bias is not None:  # sum the logits gradient over broadcast dims
-      axes = tuple(a for a in (0, 1) if bias.shape[a] == 1)
-      dbias = jnp.sum(dlogits, axis=axes, keepdims=True).astype(bias.dtype)
-    dsinks = None
+    dq, dk, dv, dbias, dparams = backward(cfg, q, k, v, opt, lse_safe, di,
+                                          do.astype(q.dtype))
+    zeros0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    ct = {name: None if x is None else zeros0(x) for name, x in opt.items()
+          if name != 'params'}
+    if opt['bias'] is not None:
+      ct['bias'] = dbias.astype(opt['bias'].dtype)
+    sinks = opt['sinks']
     if sinks is not None:
       p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_safe)
-      dsinks = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
-    seg_ct = lambda s: None if s is None else np.zeros(s.shape, jax.dtypes.float0)
-    return dq, dk, dv, dbias, dsinks, seg_ct(q_seg), seg_ct(kv_seg)
+      ct['sinks'] = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
+    ct['params'] = tuple(
+        zeros0(x) if g is None else g.astype(x.dtype)
+        for x, g in zip(opt['params'], dparams))
+    return dq, dk, dv, ct
 
   flash.defvjp(flash_fwd, flash_bwd)
   return flash
 
 
+def sum_dbias(partial: jax.Array, cfg: Config, bias_shape) -> jax.Array:
+  """The bias gradient from per-program partials [B, N, R, Sp].
+
+  R = Tp (bias with a query dim) or the number of q blocks (key bias: each q-block
+  program wrote its column sums); batch / head dims the bias broadcasts over are
+  summed here, outside the kernel (their programs wrote disjoint partials).
+  """
+  if not cfg.bias_rows:
+    partial = jnp.sum(partial, axis=2, keepdims=True)
+  axes = tuple(a for a in (0, 1) if bias_shape[a] == 1 and partial.shape[a] > 1)
+  if axes:
+    partial = jnp.sum(partial, axis=axes, keepdims=True)
+  return partial
+
+
+def sum_dparams(cfg: Config, partials) -> tuple[Any, ...]:
+  """Per-program score_mod parameter gradients [P, *shape] summed over programs."""
+  out, it = [], iter(partials)
+  for _, dtype in cfg.param_shapes:
+    out.append(jnp.sum(next(it), axis=0) if _is_float(dtype) else None)
+  return tuple(out)
+
+
+def float_param_indices(cfg: Config) -> list[int]:
+  return [i for i, (_, dt) in enumerate(cfg.param_shapes) if _is_float(dt)]
+
+
 def logits_bias(bias, mask, shape) -> jax.Array | None:
-  """The additive bias tile source [Bb, Nb, T, S], or None.
+  """The additive bias tile source [Bb, Nb, Tb, S], or None.
 
   `bias` (broadcastable to [B, N, T, S]) plus, for a dense `mask` array that cannot
   be compiled into the BlockMask (traced or per batch), 0 where visible and -inf
-  where not (exp(-inf) = 0 exactly, so this equals masking).
+  where not (exp(-inf) = 0 exactly, so this equals masking). Tb is 1 for a bias
+  without a query dim (e.g. key padding [B, 1, 1, S]) and no dense mask, else T; the
+  key dim is always materialised (S).
   """
   _, _, t, s = shape
   dyn = None if mask is None or static_mask_array(mask) else mask
   if bias is None and dyn is None:
     return None
+  if bias is not None and bias.ndim < 4:
+    bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
   parts = [x for x in (bias, dyn) if x is not None]
   lead = tuple(max(x.shape[a] for x in parts) for a in (0, 1))
-  target = lead + (t, s)
+  rows = t if dyn is not None or bias.shape[2] > 1 else 1
+  target = lead + (rows, s)
   out = None
   if bias is not None:
     out = jnp.broadcast_to(bias, target)
@@ -273,34 +416,48 @@ def logits_bias(bias, mask, shape) -> jax.Array | None:
   return out
 
 
-def configure(query: jax.Array, key: jax.Array, value: jax.Array, *,
-              scale: float, bias, mask, mask_obj, logits_soft_cap, sinks,
-              q_segment_ids, block_q: int, block_kv: int, interpret: bool,
-              extra: Any = None) -> tuple[Config, jax.Array | None]:
-  """The static Config of one call and the bias tile source (see `logits_bias`)."""
+def configure(query: jax.Array, key: jax.Array, value: jax.Array,
+              problem: problem_lib.AttentionProblem, *, block_q: int,
+              block_kv: int, interpret: bool,
+              extra: Any = None) -> tuple[Config, dict[str, Any]]:
+  """The static Config of one call and its optional inputs (see `make_flash`)."""
   del value
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
-  plan = make_plan(effective_mask(mask_obj, mask, t, s, n), block_q, block_kv,
-                   n)
-  bias = logits_bias(bias, mask, (b, n, t, s))
+  plan = make_plan(effective_mask(problem.mask_obj, problem.mask, t, s, n),
+                   block_q, block_kv, n)
+  bias = logits_bias(problem.bias, problem.mask, (b, n, t, s))
+  mod, leaves, shapes = None, (), ()
+  if problem.score_mod is not None:
+    leaves, treedef = jax.tree_util.tree_flatten(problem.score_mod.params)
+    leaves = tuple(jnp.asarray(x) for x in leaves)
+    mod = (problem.score_mod.fn, problem.score_mod.name, treedef)
+    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
   cfg = Config(
-      plan=plan, scale=float(scale), soft_cap=logits_soft_cap,
-      num_kv_heads=kh, has_sinks=sinks is not None,
-      has_segments=q_segment_ids is not None, interpret=bool(interpret),
+      plan=plan, scale=float(problem.scale), soft_cap=problem.logits_soft_cap,
+      num_kv_heads=kh, has_sinks=problem.sinks is not None,
+      has_segments=problem.q_segment_ids is not None, interpret=bool(interpret),
       bias_batch=None if bias is None else bias.shape[0] > 1,
-      bias_heads=bias is not None and bias.shape[1] > 1, extra=extra)
-  return cfg, bias
+      bias_heads=bias is not None and bias.shape[1] > 1,
+      bias_rows=bias is None or bias.shape[2] > 1,
+      mod=mod, param_shapes=shapes, dropout_rate=float(problem.dropout_rate),
+      extra=extra)
+  opt = dict(bias=bias, sinks=problem.sinks, q_seg=problem.q_segment_ids,
+             kv_seg=problem.kv_segment_ids, seed=problem.dropout_seed,
+             params=leaves)
+  return cfg, opt
 
 
 def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
   """Splits a kernel's optional refs, in `names` order, off the front of `refs`.
 
-  Names: 'seg' (q and kv segment ids: two refs), 'bias', 'sinks', 'mask' (bitmaps).
+  Names: 'seg' (q and kv segment ids: two refs), 'bias', 'sinks', 'seed', 'params'
+  (a list of cfg.num_params refs), 'mask' (bitmaps).
   Returns ({name: ref or None} with 'seg' as 'q_seg' / 'kv_seg', remaining refs).
   """
   present = {'seg': cfg.has_segments, 'bias': cfg.has_bias,
-             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial}
+             'sinks': cfg.has_sinks, 'mask': cfg.plan.has_partial,
+             'seed': cfg.has_dropout}
   out = {}
   refs = list(refs)
   for name in names:
@@ -308,6 +465,8 @@ def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
       out['q_seg'], out['kv_seg'] = (refs[:2] if present['seg'] else
                                      (None, None))
       refs = refs[2:] if present['seg'] else refs
+    elif name == 'params':
+      out['params'], refs = refs[:cfg.num_params], refs[cfg.num_params:]
     elif present[name]:
       out[name], refs = refs[0], refs[1:]
     else:
@@ -318,11 +477,11 @@ def unpack_refs(refs, cfg: Config, names: tuple[str, ...]):
 @functools.partial(jax.jit, static_argnames=(
     'flash', 'cfg', 'return_residuals', 'head_dim_pad', 'value_dim_pad'))
 def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
-        bias, sinks, q_segment_ids, kv_segment_ids, return_residuals: bool,
+        opt: dict[str, Any], return_residuals: bool,
         head_dim_pad: int | None = None, value_dim_pad: int | None = None):
   """Pads and transposes [B, T, N, H] inputs, runs `flash`, undoes the layout.
 
-  `bias` is the output of `logits_bias` (or None).
+  `opt` comes from `configure` (bias from `logits_bias`).
   """
   t = query.shape[1]
   hv = value.shape[-1]
@@ -334,17 +493,82 @@ def run(flash, cfg: Config, query: jax.Array, key: jax.Array, value: jax.Array,
     q, k = pad_axis(q, 3, head_dim_pad), pad_axis(k, 3, head_dim_pad)
   if value_dim_pad is not None:
     v = pad_axis(v, 3, value_dim_pad)
-  q_seg = kv_seg = None
-  if q_segment_ids is not None:
-    q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, tp)  # [B, Tp]
-    kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, sp)  # [B, Sp]
+  opt = dict(opt)
+  if opt['q_seg'] is not None:
+    opt['q_seg'] = pad_axis(opt['q_seg'].astype(jnp.int32), 1, tp)  # [B, Tp]
+    opt['kv_seg'] = pad_axis(opt['kv_seg'].astype(jnp.int32), 1, sp)  # [B, Sp]
+  bias = opt['bias']
   if bias is not None:
-    bias = pad_axis(pad_axis(bias, 2, tp), 3, sp)  # [Bb, Nb, Tp, Sp]
-  out, lse = flash(cfg, q, k, v, bias, sinks, q_seg, kv_seg)
+    if cfg.bias_rows:
+      bias = pad_axis(bias, 2, tp)
+    opt['bias'] = pad_axis(bias, 3, sp)  # [Bb, Nb, Tp or 1, Sp]
+  if opt['seed'] is not None:
+    opt['seed'] = jax.lax.bitcast_convert_type(opt['seed'], jnp.int32)
+  opt['params'] = tuple(x.reshape(kernel_param_shape(x.shape))
+                        for x in opt['params'])
+  out, lse = flash(cfg, q, k, v, opt)
   out = out[:, :, :t, :hv].transpose(0, 2, 1, 3)  # [B, T, N, Hv]
   if return_residuals:
     return out, lse[:, :, :t]
   return out
+
+
+# ------------------------------------------------------------------ hardware checks
+
+# Primitives the Mosaic / Triton lowerings have no rule for (or only for scalar refs):
+# a score_mod using them runs in interpret mode only.
+UNLOWERABLE_PRIMITIVES = frozenset({
+    'gather', 'scatter', 'scatter-add', 'scatter_add', 'scatter-mul',
+    'scatter_mul', 'scatter-min', 'scatter_min', 'scatter-max', 'scatter_max',
+    'dynamic_slice', 'dynamic_update_slice', 'sort', 'cumsum', 'cumprod', 'cummax',
+    'cummin', 'cumlogsumexp', 'argsort', 'random_bits', 'random_seed',
+    'random_wrap', 'random_unwrap', 'threefry2x32', 'while', 'pure_callback',
+    'io_callback'})
+
+
+def _primitives(jaxpr, found: set[str]) -> set[str]:
+  for eqn in jaxpr.eqns:
+    found.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          _primitives(inner, found)
+  return found
+
+
+def score_mod_reason(mod: Any, dtype: Any = jnp.float32) -> str | None:
+  """Why a score_mod cannot lower to Mosaic / Triton (None: its jaxpr can).
+
+  Traces the mod on small broadcast tiles and looks for primitives the hardware
+  lowerings lack (gathers from indexing a table with traced indices, scatters,
+  dynamic slices; plain-closure score_mods are vmapped, which makes table lookups
+  gathers).
+  """
+  params = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), mod.params)
+  tile = (8, 128)
+  score = jax.ShapeDtypeStruct(tile, dtype)
+  scalar = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  index = jax.ShapeDtypeStruct(tile, jnp.int32)
+  closed = jax.make_jaxpr(lambda p, *a: mod.fn(p, *a))(
+      params, score, scalar, scalar, index, index)
+  bad = sorted(_primitives(closed.jaxpr, set()) & UNLOWERABLE_PRIMITIVES)
+  if not bad:
+    return None
+  return (f'score_mod {mod.name!r} uses {", ".join(bad)}, which the Pallas '
+          'hardware lowering cannot compile (indexing a table with traced indices, '
+          'or a plain function that is vmapped); write it as a '
+          'kernels.problem.ScoreMod with jnp.where / one-hot arithmetic over the '
+          "table (e.g. sum(where(idx == arange(L), table, 0))), or use "
+          "implementation='xla'")
+
+
+def params_bytes(problem: problem_lib.AttentionProblem) -> int:
+  if problem.score_mod is None:
+    return 0
+  return sum(int(np.prod(jnp.shape(x))) * jnp.dtype(jnp.result_type(x)).itemsize
+             for x in jax.tree_util.tree_leaves(problem.score_mod.params))
 
 
 def check_block(name: str, value: Any, *, multiple: int = 1,

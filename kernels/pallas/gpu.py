@@ -8,7 +8,10 @@ listed for it in the compiled mask. FULL tiles take the unmasked branch of a
 dq kernel (same lists) and a fused dk/dv kernel with one program per (batch, kv head,
 kv block) that loops over the G query heads sharing that kv head and over each head's
 transposed q list, so k/v and dk/dv are never repeated per query head. An additive
-bias is read tile by tile; the dq kernel also stores the per-tile logits gradient.
+bias is read tile by tile; the dq kernel also writes per-program bias-gradient and
+score_mod-parameter-gradient partials (summed outside, so no two programs write the
+same memory). score_mod runs per tile after the soft-cap (its params are whole-array
+inputs); dropout recomputes its counter-based keep mask per tile from the seed.
 
 Triton constraints followed: block_q / block_kv are powers of two >= 16 (tl.dot minimum),
 head dims are zero-padded to a power of two >= 16 outside the kernel (exact: zero
@@ -29,7 +32,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
-from attention.masks import base as masks_base
 from kernels.pallas import common
 
 DEFAULT_BLOCK_Q = 64
@@ -72,13 +74,18 @@ def _dot(a, b, **kw):
   return plgpu.dot(a, b, **kw).astype(jnp.float32)
 
 
-def _logits(q, k, scale, soft_cap):
-  """Scaled (soft-capped) float32 logits [bq, bk] and tanh for the soft-cap grad."""
-  s = _dot(q, k, trans_b=True) * scale
-  if soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / soft_cap)
-  return soft_cap * t, t
+def _tile_ids(cfg: common.Config, b, n, q_start, kv_start, bq: int, bk: int):
+  """(b, h, q_idx [bq, 1], kv_idx [1, bk]) int32 (global indices), or None."""
+  if not cfg.needs_ids:
+    return None
+  full = lambda x: jnp.full((1, 1), x, jnp.int32)
+  q = (q_start + jnp.arange(bq, dtype=jnp.int32))[:, None]
+  kv = (kv_start + jnp.arange(bk, dtype=jnp.int32))[None, :]
+  return full(b), full(n), q, kv
+
+
+def _seed(opt):
+  return None if opt['seed'] is None else (opt['seed'][0], opt['seed'][1])
 
 
 def _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked):
@@ -117,19 +124,38 @@ def _tables(plan: common.Plan, which: str):
   return arrays, [_whole(a.shape) for a in arrays]
 
 
-def _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias):
+def _row_inputs(cfg, bq, sp, opt):
   """Specs / args of segment ids and bias for the forward and dq grids."""
   specs, args = [], []
   if cfg.has_segments:
     specs += [pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i)),
               pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))]
-    args += [q_seg, kv_seg]
+    args += [opt['q_seg'], opt['kv_seg']]
   if cfg.has_bias:
+    rows = bq if cfg.bias_rows else 1
     specs.append(pl.BlockSpec(
-        (None, None, bq, sp),
-        lambda bi, ni, i: (*cfg.bias_index(bi, ni), i, 0)))
-    args.append(bias)
+        (None, None, rows, sp),
+        lambda bi, ni, i: (*cfg.bias_index(bi, ni), i if cfg.bias_rows else 0,
+                           0)))
+    args.append(opt['bias'])
   return specs, args
+
+
+def _extra_inputs(cfg, opt):
+  """Specs / args of the dropout seed and the score_mod params (whole arrays)."""
+  specs, args = [], []
+  if cfg.has_dropout:
+    specs.append(_whole((2,)))
+    args.append(opt['seed'])
+  for x in opt['params']:
+    specs.append(_whole(x.shape))
+    args.append(x)
+  return specs, args
+
+
+def _logits(cfg, q, k, leaves, ids):
+  s = _dot(q, k, trans_b=True) * cfg.scale  # [bq, bk]
+  return common.tile_logits(cfg, s, leaves, ids)
 
 
 # ------------------------------------------------------------------ forward
@@ -137,12 +163,13 @@ def _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias):
 
 def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
                 k_ref, v_ref, *refs, cfg: common.Config, bq: int, bk: int):
-  opt, (o_ref, lse_ref) = common.unpack_refs(refs, cfg,
-                                             ('seg', 'bias', 'sinks'))
-  n, i = pl.program_id(1), pl.program_id(2)
+  opt, (o_ref, lse_ref) = common.unpack_refs(
+      refs, cfg, ('seg', 'bias', 'sinks', 'seed', 'params'))
+  b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   u = hm_ref[n]
   q = q_ref[...]
   q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
+  leaves = common.read_params(cfg, opt['params'])
   hv = o_ref.shape[-1]
   if opt['sinks'] is not None:
     # The sink is one more logit with zero value: start from m = sink, l = 1.
@@ -156,10 +183,11 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   def body(j, carry):
     part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
                                          k_ref, v_ref, opt['kv_seg'])
+    ids = _tile_ids(cfg, b, n, i * bq, start, bq, bk)
 
     def update(masked, carry):
       acc, m_prev, l_prev = carry
-      s, _ = _logits(q, k, cfg.scale, cfg.soft_cap)
+      s, _, _ = _logits(cfg, q, k, leaves, ids)
       if opt['bias'] is not None:
         s = s + opt['bias'][:, pl.ds(start, bk)].astype(jnp.float32)
       vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
@@ -171,6 +199,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_next)
       l_next = alpha * l_prev + jnp.sum(p, axis=1)
+      if cfg.has_dropout:  # P V uses the dropped probabilities, l does not
+        p = p * common.tile_dropout(cfg, _seed(opt), ids)
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_next, l_next
 
@@ -178,14 +208,12 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
                    functools.partial(update, False), carry)
 
   acc, m, l = lax.fori_loop(0, kv_cnt_ref[u, i], body, (acc0, m0, l0))
-  has = l > 0.0
-  safe = jnp.where(has, l, 1.0)
-  o_ref[...] = jnp.where(has[:, None], acc / safe[:, None],
-                         0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has, m + jnp.log(safe), -jnp.inf)
+  inv, lse = common.safe_normalize(l, m)
+  o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
-def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
+def _forward(cfg: common.Config, q, k, v, opt):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -198,12 +226,15 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
                pl.BlockSpec((None, None, sp, h), kv_map),
                pl.BlockSpec((None, None, sp, hv), kv_map)]
   args += [q, k, v]
-  specs, extra = _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias)
+  specs, extra = _row_inputs(cfg, bq, sp, opt)
   in_specs += specs
   args += extra
   if cfg.has_sinks:
     in_specs.append(_whole((n,)))
-    args.append(sinks.astype(jnp.float32))
+    args.append(opt['sinks'].astype(jnp.float32))
+  specs, extra = _extra_inputs(cfg, opt)
+  in_specs += specs
+  args += extra
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(b, n, tp // bq),
@@ -224,25 +255,29 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
 def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
                k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
                cfg: common.Config, bq: int, bk: int):
-  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias'))
-  if cfg.has_bias:
-    _, dq_ref, dbias_ref = refs  # refs[0]: the aliased zeros input
-  else:
-    (dq_ref,), dbias_ref = refs, None
-  n, i = pl.program_id(1), pl.program_id(2)
+  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'seed', 'params'))
+  refs = refs[1:] if cfg.has_bias else refs  # the aliased zeros input
+  dq_ref, refs = refs[0], refs[1:]
+  dbias_ref, dparam_refs = ((refs[0], refs[1:]) if cfg.has_bias else
+                            (None, refs))
+  floats = common.float_param_indices(cfg)
+  b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   u = hm_ref[n]
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
   di = di_ref[...]
   q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
+  leaves = common.read_params(cfg, opt['params'])
 
-  def body(j, dq):
+  def body(j, carry):
     part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
                                          k_ref, v_ref, opt['kv_seg'])
+    ids = _tile_ids(cfg, b, n, i * bq, start, bq, bk)
 
-    def update(masked, dq):
-      s, t = _logits(q, k, cfg.scale, cfg.soft_cap)
+    def update(masked, carry):
+      dq, dparams = carry
+      s, pre, t = _logits(cfg, q, k, leaves, ids)
       if opt['bias'] is not None:
         s = s + opt['bias'][:, pl.ds(start, bk)].astype(jnp.float32)
       vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
@@ -250,26 +285,37 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
       if vis is not None:
         p = jnp.where(vis, p, 0.0)
       dp = _dot(do, v, trans_b=True)  # [bq, bk]
-      ds = p * (dp - di[:, None])  # d logits (after the soft-cap)
+      if cfg.has_dropout:
+        dp = dp * common.tile_dropout(cfg, _seed(opt), ids)
+      ds = p * (dp - di[:, None])  # d logits (after bias)
       if dbias_ref is not None:
-        dbias_ref[:, pl.ds(start, bk)] = ds
-      if t is not None:
-        ds = ds * (1.0 - t * t)
-      return dq + _dot(ds.astype(k.dtype), k)
+        if cfg.bias_rows:
+          dbias_ref[:, pl.ds(start, bk)] = ds
+        else:  # key bias: this q block's column sums
+          dbias_ref[pl.ds(start, bk)] = jnp.sum(ds, axis=0)
+      ds, dmod = common.tile_dlogits(cfg, ds, pre, t, leaves, ids, True)
+      dparams = tuple(a + dmod[idx].astype(jnp.float32)
+                      for a, idx in zip(dparams, floats))
+      return dq + _dot(ds.astype(k.dtype), k), dparams
 
     return _branch(cfg, part, functools.partial(update, True),
-                   functools.partial(update, False), dq)
+                   functools.partial(update, False), carry)
 
-  dq = lax.fori_loop(0, kv_cnt_ref[u, i], body,
-                     jnp.zeros(q.shape, jnp.float32))
+  init = (jnp.zeros(q.shape, jnp.float32),
+          tuple(jnp.zeros(cfg.param_shapes[idx][0], jnp.float32)
+                for idx in floats))
+  dq, dparams = lax.fori_loop(0, kv_cnt_ref[u, i], body, init)
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+  for r, d in zip(dparam_refs, dparams):  # this program's own slice
+    r[...] = d.reshape(r.shape)
 
 
-def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
   sp, hv = k.shape[2], v.shape[-1]
+  nq = tp // bq
   g = cfg.group
   args, in_specs = _tables(plan, 'kv')
   q_map = lambda bi, ni, i: (bi, ni, i, 0)
@@ -282,22 +328,41 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
                pl.BlockSpec((None, None, bq), row_map),
                pl.BlockSpec((None, None, bq, hv), q_map)]
   args += [q, k, v, lse, di, do]
-  specs, extra = _row_inputs(cfg, bq, sp, q_seg, kv_seg, bias)
+  specs, extra = _row_inputs(cfg, bq, sp, opt)
+  in_specs += specs
+  args += extra
+  specs, extra = _extra_inputs(cfg, opt)
   in_specs += specs
   args += extra
   out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   aliases = {}
   if cfg.has_bias:
-    # d logits per active tile; EMPTY tiles keep the aliased zeros.
+    # Per-program d-bias partials: [B, N, Tp, Sp] d logits per active tile, or the
+    # key bias's column sums per q block [B, N, nq, Sp]; EMPTY tiles keep the
+    # aliased zeros.
+    if cfg.bias_rows:
+      shape, spec = (b, n, tp, sp), pl.BlockSpec((None, None, bq, sp), q_map)
+    else:
+      shape = (b, n, nq, sp)
+      spec = pl.BlockSpec((None, None, None, sp), q_map)
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
     aliases = {len(args): 1}
-    args.append(jnp.zeros((b, n, tp, sp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, bq, sp), q_map))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
+    args.append(jnp.zeros(shape, jnp.float32))
+    out_specs.append(spec)
+    out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
+  for idx in common.float_param_indices(cfg):
+    # One [1, *shape] slice of the params gradient per (b, n, q block) program, so
+    # no two programs write the same memory.
+    shape = common.kernel_param_shape(cfg.param_shapes[idx][0])
+    zeros = (0,) * len(shape)
+    out_specs.append(pl.BlockSpec(
+        (None,) + shape,
+        lambda bi, ni, i, z=zeros: ((bi * n + ni) * nq + i,) + z))
+    out_shape.append(jax.ShapeDtypeStruct((b * n * nq,) + shape, jnp.float32))
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk),
-      grid=(b, n, tp // bq),
+      grid=(b, n, nq),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -306,7 +371,12 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
       interpret=cfg.interpret,
       name='block_sparse_flash_dq',
   )(*args)
-  return outs[0], (outs[1] if cfg.has_bias else None)
+  outs = list(outs)
+  dq = outs.pop(0)
+  dbias = None
+  if cfg.has_bias:
+    dbias = common.sum_dbias(outs.pop(0), cfg, opt['bias'].shape)
+  return dq, dbias, common.sum_dparams(cfg, outs)
 
 
 # ------------------------------------------------------------------ backward: dk, dv
@@ -315,11 +385,13 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
 def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
                 v_ref, lse_ref, di_ref, do_ref, *refs, cfg: common.Config,
                 bq: int, bk: int):
-  opt, (dk_ref, dv_ref) = common.unpack_refs(refs, cfg, ('seg', 'bias'))
-  kh, kb = pl.program_id(1), pl.program_id(2)
+  opt, (dk_ref, dv_ref) = common.unpack_refs(
+      refs, cfg, ('seg', 'bias', 'seed', 'params'))
+  b, kh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
   kv_ids = None if opt['kv_seg'] is None else opt['kv_seg'][...]
+  leaves = common.read_params(cfg, opt['params'])
 
   def head(gi, carry):
     n = kh * cfg.group + gi
@@ -335,22 +407,26 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
       lse = lse_ref[gi, pl.ds(start, bq)]
       di = di_ref[gi, pl.ds(start, bq)]
       q_ids = None if opt['q_seg'] is None else opt['q_seg'][pl.ds(start, bq)]
+      ids = _tile_ids(cfg, b, n, start, kb * bk, bq, bk)
 
       def update(masked, carry):
         dk, dv = carry
-        s, t = _logits(q, k, cfg.scale, cfg.soft_cap)  # [bq, bk]
+        s, pre, t = _logits(cfg, q, k, leaves, ids)  # [bq, bk]
         if opt['bias'] is not None:
-          s = s + opt['bias'][bias_head, pl.ds(start, bq), :].astype(
-              jnp.float32)
+          rows = pl.ds(start, bq) if cfg.bias_rows else pl.ds(0, 1)
+          s = s + opt['bias'][bias_head, rows, :].astype(jnp.float32)
         vis = _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked)
         p = jnp.exp(s - lse[:, None])
         if vis is not None:
           p = jnp.where(vis, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bk, Hv]
         dp = _dot(do, v, trans_b=True)  # [bq, bk]
+        p_drop = p
+        if cfg.has_dropout:
+          mult = common.tile_dropout(cfg, _seed(opt), ids)
+          p_drop, dp = p * mult, dp * mult
+        dv = dv + _dot(p_drop.astype(do.dtype), do, trans_a=True)  # [bk, Hv]
         ds = p * (dp - di[:, None])
-        if t is not None:
-          ds = ds * (1.0 - t * t)
+        ds, _ = common.tile_dlogits(cfg, ds, pre, t, leaves, ids, False)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [bk, H]
         return dk, dv
 
@@ -365,7 +441,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -384,13 +460,17 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, tp), lambda bi, kh, kb: (bi, 0)),
                  pl.BlockSpec((None, bk), lambda bi, kh, kb: (bi, kb))]
-    args += [q_seg, kv_seg]
+    args += [opt['q_seg'], opt['kv_seg']]
   if cfg.has_bias:
-    nb = bias.shape[1]
+    bias = opt['bias']
+    nb, rows = bias.shape[1], bias.shape[2]
     in_specs.append(pl.BlockSpec(
-        (None, nb, tp, bk),
+        (None, nb, rows, bk),
         lambda bi, kh, kb: (bi if cfg.bias_batch else 0, 0, 0, kb)))
     args.append(bias)
+  specs, extra = _extra_inputs(cfg, opt)
+  in_specs += specs
+  args += extra
   return pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(b, kh_count, sp // bk),
@@ -405,10 +485,10 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   )(*args)
 
 
-def _backward(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do):
-  dq, dlogits = _dq(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
-  dk, dv = _dkv(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
-  return dq, dk, dv, dlogits
+def _backward(cfg, q, k, v, opt, lse, di, do):
+  dq, dbias, dparams = _dq(cfg, q, k, v, opt, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, opt, lse, di, do)
+  return dq, dk, dv, dbias, dparams
 
 
 _flash = common.make_flash(_forward, _backward)
@@ -416,32 +496,118 @@ _flash = common.make_flash(_forward, _backward)
 
 # ------------------------------------------------------------------ public API
 
+# Dynamic shared memory one Triton program may use: 227 KiB is the opt-in maximum
+# per block on H100 / H200 (sm_90; 228 KiB per SM, 1 KiB reserved); A100 (sm_80)
+# allows 163 KiB, so the estimate below is conservative only on sm_90.
+SHARED_MEMORY_LIMIT = 227 * 1024
+# Largest padded head dim accepted: the accumulators are [block, head_dim] float32
+# register tiles; beyond 256 they spill (FlashAttention-2's kernels stop at 256 too).
+MAX_HEAD_DIM = 256
+# CUDA grid dims y / z (here query heads and q blocks / kv heads and kv blocks).
+MAX_GRID_YZ = 65535
+# score_mod params are loaded whole into every program (registers / shared memory).
+PARAMS_BYTES_LIMIT = 16 * 1024
+_TRITON_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
-              scale: float, bias: jax.Array | None = None,
-              mask: jax.Array | None = None,
-              mask_obj: masks_base.Mask | None = None,
-              logits_soft_cap: float | None = None,
-              sinks: jax.Array | None = None,
-              q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None,
-              return_residuals: bool = False,
+
+def _padded_dim(d: int) -> int:
+  return max(MIN_BLOCK, common.next_power_of_two(d))
+
+
+def shared_memory_bytes(sizes: BlockSizes, head_dim: int, value_dim: int,
+                        itemsize: int) -> int:
+  """Estimated shared memory of the largest kernel (dk/dv) for these tiles.
+
+  Triton stages dot operands through shared memory, `num_stages` deep for pipelined
+  loads: the q / do tiles [block_q, H / Hv] and k / v tiles [block_kv, H / Hv] in the
+  input dtype, plus the p / ds tiles [block_q, block_kv] (cast to the input dtype)
+  feeding the transposed dots.
+  """
+  bq, bk = sizes.block_q, sizes.block_kv
+  h, hv = _padded_dim(head_dim), _padded_dim(value_dim)
+  tiles = (bq * (h + hv) + bk * (h + hv)) * itemsize * sizes.num_stages
+  return tiles + 2 * bq * bk * itemsize
+
+
+def _hardware_reason(query, key, value, problem, sizes: BlockSizes) -> str | None:
+  """Why these inputs cannot compile with Triton (None: they can)."""
+  for name, x in (('query', query), ('key', key), ('value', value),
+                  ('bias', problem.bias)):
+    if x is not None and x.dtype not in _TRITON_DTYPES:
+      return (f'{name} dtype {x.dtype} (Triton dots take float16 / bfloat16 / '
+              'float32)')
+  h, hv = query.shape[-1], value.shape[-1]
+  for name, d in (('head_dim', h), ('value head_dim', hv)):
+    if _padded_dim(d) > MAX_HEAD_DIM:
+      return (f'{name} {d} (padded to {_padded_dim(d)}) exceeds {MAX_HEAD_DIM}, '
+              'the largest register tile these kernels use')
+  smem = shared_memory_bytes(sizes, h, hv, query.dtype.itemsize)
+  if smem > SHARED_MEMORY_LIMIT:
+    return (f'the tiles need about {smem} bytes of shared memory, more than '
+            f'{SHARED_MEMORY_LIMIT} (use smaller block_sizes or fewer num_stages)')
+  b, t, n, _ = query.shape
+  s, kh = key.shape[1], key.shape[2]
+  nq = -(-t // sizes.block_q)
+  nk = -(-s // sizes.block_kv)
+  if max(n, nq, kh, nk) > MAX_GRID_YZ:
+    return (f'grid dims (heads {n}, q blocks {nq}, kv heads {kh}, kv blocks {nk}) '
+            f'exceed the CUDA grid limit {MAX_GRID_YZ}')
+  if problem.score_mod is not None:
+    leaves = jax.tree_util.tree_leaves(problem.score_mod.params)
+    for x in leaves:
+      dt = jnp.result_type(x)
+      if jnp.dtype(dt).itemsize == 8:
+        return f'{dt} score_mod params (Triton kernels here use 32-bit types)'
+      if any(d & (d - 1) for d in jnp.shape(x)):
+        return (f'score_mod param of shape {list(jnp.shape(x))}: Triton blocks '
+                'need power-of-two dims (pad the table)')
+    size = common.params_bytes(problem)
+    if size > PARAMS_BYTES_LIMIT:
+      return (f'the score_mod params need {size} bytes, more than the '
+              f'{PARAMS_BYTES_LIMIT} bytes loaded whole into every program')
+    reason = common.score_mod_reason(problem.score_mod)
+    if reason:
+      return reason
+  return None
+
+
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
+                problem) -> str | None:
+  """Why this problem cannot compile with Triton on this GPU (None: it can).
+
+  Every problem runs in interpret mode (any backend but GPU). On a GPU backend
+  (default tiles): inputs / bias in float16, bfloat16 or float32 (Triton has no
+  float64 dots); head dims padded to a power of two >= 16 (tl.dot's minimum, done
+  outside the kernel) of at most `MAX_HEAD_DIM`; the shared-memory estimate
+  (`shared_memory_bytes`) within `SHARED_MEMORY_LIMIT`; grid dims within the CUDA
+  limit; score_mod params 32-bit with power-of-two dims, at most
+  `PARAMS_BYTES_LIMIT` bytes, and a mod that lowers (`common.score_mod_reason`).
+  """
+  if jax.default_backend() != 'gpu':
+    return None
+  return _hardware_reason(query, key, value, problem, BlockSizes())
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
               block_sizes: BlockSizes | None = None,
               interpret: bool | None = None):
-  """Block-sparse flash attention on GPU (see `attention.dot_product_attention`).
+  """Block-sparse flash attention on GPU for a `kernels.problem.AttentionProblem`.
 
-  Inputs are validated by `dot_product_attention`; this is its implementation entry.
+  Every feature of the contract is supported: the static mask (mask_obj AND a
+  concrete batch-independent `mask` array) drives the block lists; `bias` and any
+  other `mask` array are added to the logits tile by tile; score_mod, dropout, sinks,
+  segments, soft-cap run per tile in all three kernels.
 
-  Every input combination of the dispatch contract is supported: the static mask
-  (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
-  `bias` and any other `mask` array are added to the logits tile by tile.
-
-  Args (beyond the dispatch contract):
+  Args:
+    query, key, value, problem: see `kernels.problem` (validated by the API).
     block_sizes: tiles and launch parameters, default 64 x 64.
     interpret: run the Pallas interpreter; default True unless the backend is GPU.
 
   Returns:
-    out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
+    out [B, T, N, H_v] (and lse [B, N, T] float32 with `problem.return_residuals`).
+
+  Raises:
+    ValueError: when compiling for a GPU (interpret=False) what `unsupported` names.
   """
   if block_sizes is None:
     block_sizes = BlockSizes()
@@ -449,13 +615,14 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     raise TypeError('block_sizes must be a kernels.pallas.gpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
   interpret = common.check_interpret(interpret, 'gpu')
-  cfg, bias = common.configure(
-      query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
-      logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
-      block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
-      interpret=interpret, extra=block_sizes)
-  pad = lambda d: max(MIN_BLOCK, common.next_power_of_two(d))
-  return common.run(_flash, cfg, query, key, value, bias, sinks,
-                    q_segment_ids, kv_segment_ids, return_residuals,
-                    head_dim_pad=pad(query.shape[-1]),
-                    value_dim_pad=pad(value.shape[-1]))
+  if not interpret:
+    reason = _hardware_reason(query, key, value, problem, block_sizes)
+    if reason:
+      raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
+  cfg, opt = common.configure(
+      query, key, value, problem, block_q=block_sizes.block_q,
+      block_kv=block_sizes.block_kv, interpret=interpret, extra=block_sizes)
+  return common.run(_flash, cfg, query, key, value, opt,
+                    problem.return_residuals,
+                    head_dim_pad=_padded_dim(query.shape[-1]),
+                    value_dim_pad=_padded_dim(value.shape[-1]))

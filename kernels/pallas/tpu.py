@@ -14,8 +14,12 @@ accumulating the G = N // K query heads of one kv head in VMEM scratch, so k/v a
 dk/dv are never repeated per query head). An additive bias is read tile by tile
 through the same index maps.
 
+score_mod runs per tile after the soft-cap (its params are whole-array VMEM inputs;
+the dq kernel takes the per-tile vjp and writes per-program params-gradient partials),
+dropout recomputes its counter-based keep mask per tile from the SMEM seed.
+
 Tiling (Mosaic): block_q and block_kv are multiples of 128 (each is the lane dimension
-of a logits tile in one of the kernels); head dims are whole blocks (any size; a
+of a logits tile in one of the kernels; interpret mode accepts multiples of 8); head dims are whole blocks (any size; a
 multiple of 128 fills the MXU). Running statistics m / l are (block_q, 128) lane-
 replicated VMEM scratch; segment ids and lse are passed lane- or sublane-replicated.
 On CPU the kernels run with `interpret=True`.
@@ -33,7 +37,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 
-from attention.masks import base as masks_base
 from kernels.pallas import common
 
 NUM_LANES = 128
@@ -48,13 +51,13 @@ _NAME = "implementation='pallas_tpu'"
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (multiples of 128 on TPU)."""
+  """Tile sizes: multiples of 8; Mosaic (interpret=False) needs multiples of 128."""
   block_q: int = DEFAULT_BLOCK_Q
   block_kv: int = DEFAULT_BLOCK_KV
 
   def __post_init__(self):
-    common.check_block('block_q', self.block_q, multiple=NUM_LANES)
-    common.check_block('block_kv', self.block_kv, multiple=NUM_LANES)
+    common.check_block('block_q', self.block_q, multiple=NUM_SUBLANES)
+    common.check_block('block_kv', self.block_kv, multiple=NUM_SUBLANES)
 
 
 def _lanes(x: jax.Array, width: int) -> jax.Array:
@@ -62,15 +65,6 @@ def _lanes(x: jax.Array, width: int) -> jax.Array:
   if width % NUM_LANES == 0:
     return jnp.tile(x, (1, width // NUM_LANES))
   return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
-
-
-def _logits(q, k, scale, soft_cap, dims):
-  """Scaled (and soft-capped) logits in float32, plus tanh for the soft-cap grad."""
-  s = lax.dot_general(q, k, dims, preferred_element_type=jnp.float32) * scale
-  if soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / soft_cap)
-  return soft_cap * t, t
 
 
 def _visible(masked: bool, mask_ref, q_ids, kv_ids):
@@ -98,6 +92,27 @@ def _run_steps(run, part_ref, step):
   pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
 
 
+def _tile_ids(cfg: common.Config, b, n, q0, kv0, shape, q_axis: int):
+  """(b, h, q_idx, kv_idx) int32 for a tile (global indices), or None if unused."""
+  if not cfg.needs_ids:
+    return None
+  q = q0 * shape[q_axis] + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+  kv = kv0 * shape[1 - q_axis] + lax.broadcasted_iota(jnp.int32, shape,
+                                                      1 - q_axis)
+  full = lambda x: jnp.full((1, 1), x, jnp.int32)
+  return full(b), full(n), q, kv
+
+
+def _seed(opt):
+  return None if opt['seed'] is None else (opt['seed'][0], opt['seed'][1])
+
+
+def _bias_tile(cfg: common.Config, bias_ref):
+  if bias_ref is None:
+    return None
+  return bias_ref[...].astype(jnp.float32)  # [bq, bk] or [1, bk] (key bias)
+
+
 def _row_specs(cfg: common.Config, bq: int, bk: int):
   """Specs of the optional per-tile inputs of the forward / dq kernels."""
   def kv_block(ni, i, j, hm, idx):
@@ -112,11 +127,30 @@ def _row_specs(cfg: common.Config, bq: int, bk: int):
                          bi, 0, kv_block(ni, i, j, hm, idx))),
     ]
   if cfg.has_bias:
+    rows = bq if cfg.bias_rows else 1
     specs.append(pl.BlockSpec(
-        (None, None, bq, bk),
+        (None, None, rows, bk),
         lambda bi, ni, i, j, hm, idx, *_: (
-            *cfg.bias_index(bi, ni), i, kv_block(ni, i, j, hm, idx))))
+            *cfg.bias_index(bi, ni), i if cfg.bias_rows else 0,
+            kv_block(ni, i, j, hm, idx))))
   return specs
+
+
+def _whole(shape):
+  """A block holding the whole array in every program (VMEM: score_mod params)."""
+  return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
+
+
+def _extra_inputs(cfg: common.Config, opt):
+  """Specs / args of the dropout seed (SMEM) and the score_mod params (VMEM)."""
+  specs, args = [], []
+  if cfg.has_dropout:
+    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+    args.append(opt['seed'])
+  for x in opt['params']:
+    specs.append(_whole(x.shape))
+    args.append(x)
+  return specs, args
 
 
 def _tables(plan: common.Plan, which: str):
@@ -129,11 +163,12 @@ def _tables(plan: common.Plan, which: str):
 def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
                 q_ref, k_ref, v_ref, *refs, cfg: common.Config, bq: int,
                 bk: int, steps: int):
-  del kv_idx_ref, kv_fetch_ref
-  opt, refs = common.unpack_refs(refs, cfg,
-                                 ('seg', 'bias', 'sinks', 'mask'))
+  del kv_fetch_ref
+  opt, refs = common.unpack_refs(
+      refs, cfg, ('seg', 'bias', 'sinks', 'seed', 'params', 'mask'))
   o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
-  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  b, n, i, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
+                pl.program_id(3))
   u = hm_ref[n]
   hv = acc_ref.shape[-1]
 
@@ -149,9 +184,14 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
       l_ref[...] = jnp.zeros_like(l_ref)
 
   def step(masked: bool):
-    s, _ = _logits(q_ref[...], k_ref[...], cfg.scale, cfg.soft_cap, NT_DIMS)
-    if opt['bias'] is not None:
-      s = s + opt['bias'][...].astype(jnp.float32)
+    ids = _tile_ids(cfg, b, n, i, kv_idx_ref[u, i, j], (bq, bk), 0)
+    s = lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
+                        preferred_element_type=jnp.float32) * cfg.scale
+    s, _, _ = common.tile_logits(cfg, s, common.read_params(cfg, opt['params']),
+                                 ids)
+    bias = _bias_tile(cfg, opt['bias'])
+    if bias is not None:
+      s = s + bias
     q_ids = kv_ids = None
     if opt['q_seg'] is not None:
       q_ids = _lanes(opt['q_seg'][...], bk)  # [bq, bk]
@@ -167,6 +207,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
     alpha = jnp.exp(m_prev - m_next)
     l_ref[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
     m_ref[...] = m_next
+    if cfg.has_dropout:  # P V uses the dropped probabilities, l does not
+      p = p * common.tile_dropout(cfg, _seed(opt), ids)
     pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN_DIMS,
                          preferred_element_type=jnp.float32)  # [bq, Hv]
     acc_ref[...] = _lanes(alpha, hv) * acc_ref[...] + pv
@@ -176,12 +218,9 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
 
   @pl.when(j == steps - 1)
   def _finish():
-    l = l_ref[...]
-    has = l > 0.0
-    inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
+    inv, lse = common.safe_normalize(l_ref[...], m_ref[...])
     o_ref[...] = (acc_ref[...] * _lanes(inv, hv)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l, 1.0)),
-                             -jnp.inf)
+    lse_ref[...] = lse
 
 
 def _segment_inputs(q_seg, kv_seg):
@@ -193,12 +232,12 @@ def _segment_inputs(q_seg, kv_seg):
   return q_lanes, kv_rows
 
 
-def _row_args(cfg, q_seg, kv_seg, bias):
+def _row_args(cfg, opt):
   args = []
   if cfg.has_segments:
-    args += list(_segment_inputs(q_seg, kv_seg))
+    args += list(_segment_inputs(opt['q_seg'], opt['kv_seg']))
   if cfg.has_bias:
-    args.append(bias)
+    args.append(opt['bias'])
   return args
 
 
@@ -215,7 +254,7 @@ def _kv_maps(g):
   return q_map, kv_map, fetch_map
 
 
-def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
+def _forward(cfg: common.Config, q, k, v, opt):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -226,10 +265,13 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
               pl.BlockSpec((None, None, bk, h), kv_map),
               pl.BlockSpec((None, None, bk, hv), kv_map)]
   in_specs += _row_specs(cfg, bq, bk)
-  args = [q, k, v] + _row_args(cfg, q_seg, kv_seg, bias)
+  args = [q, k, v] + _row_args(cfg, opt)
   if cfg.has_sinks:
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
-    args.append(sinks.astype(jnp.float32))
+    args.append(opt['sinks'].astype(jnp.float32))
+  specs, extra = _extra_inputs(cfg, opt)
+  in_specs += specs
+  args += extra
   if plan.has_partial:
     in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
@@ -260,26 +302,37 @@ def _forward(cfg: common.Config, q, k, v, bias, sinks, q_seg, kv_seg):
 
 def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
                q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
-               cfg: common.Config, bk: int, steps: int):
-  del kv_idx_ref, kv_fetch_ref
-  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
-  if cfg.has_bias:
-    _, dq_ref, dbias_ref, acc_ref = refs  # refs[0]: the aliased zeros input
-  else:
-    (dq_ref, acc_ref), dbias_ref = refs, None
-  n, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+               cfg: common.Config, bq: int, bk: int, steps: int):
+  del kv_fetch_ref
+  opt, refs = common.unpack_refs(refs, cfg,
+                                 ('seg', 'bias', 'seed', 'params', 'mask'))
+  refs = refs[1:] if cfg.has_bias else refs  # the aliased zeros input
+  dq_ref, refs = refs[0], refs[1:]
+  dbias_ref, refs = (refs[0], refs[1:]) if cfg.has_bias else (None, refs)
+  floats = common.float_param_indices(cfg)
+  dparam_refs, (acc_ref,) = refs[:len(floats)], refs[len(floats):]
+  b, n, i, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
+                pl.program_id(3))
   u = hm_ref[n]
   count = kv_cnt_ref[u, i]
 
   @pl.when(j == 0)
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
+    for r in dparam_refs:  # this program's slice of the params-gradient partials
+      r[...] = jnp.zeros_like(r)
 
   def step(masked: bool):
     k = k_ref[...]
-    s, t = _logits(q_ref[...], k, cfg.scale, cfg.soft_cap, NT_DIMS)
-    if opt['bias'] is not None:
-      s = s + opt['bias'][...].astype(jnp.float32)
+    kb = kv_idx_ref[u, i, j]
+    ids = _tile_ids(cfg, b, n, i, kb, (bq, bk), 0)
+    leaves = common.read_params(cfg, opt['params'])
+    s = lax.dot_general(q_ref[...], k, NT_DIMS,
+                        preferred_element_type=jnp.float32) * cfg.scale
+    s, pre, t = common.tile_logits(cfg, s, leaves, ids)
+    bias = _bias_tile(cfg, opt['bias'])
+    if bias is not None:
+      s = s + bias
     q_ids = kv_ids = None
     if opt['q_seg'] is not None:
       q_ids = _lanes(opt['q_seg'][...], bk)
@@ -290,11 +343,18 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
       p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do_ref[...], v_ref[...], NT_DIMS,
                          preferred_element_type=jnp.float32)  # [bq, bk]
-    ds = p * (dp - _lanes(di_ref[...], bk))  # d logits (after the soft-cap)
+    if cfg.has_dropout:
+      dp = dp * common.tile_dropout(cfg, _seed(opt), ids)
+    ds = p * (dp - _lanes(di_ref[...], bk))  # d logits (after bias)
     if dbias_ref is not None:
-      dbias_ref[...] = ds
-    if t is not None:
-      ds = ds * (1.0 - t * t)
+      if cfg.bias_rows:
+        dbias_ref[...] = ds
+      else:  # key bias: this q block's column sums, sublane-replicated
+        dbias_ref[...] = jnp.broadcast_to(jnp.sum(ds, axis=0, keepdims=True),
+                                          dbias_ref.shape)
+    ds, dparams = common.tile_dlogits(cfg, ds, pre, t, leaves, ids, True)
+    for r, idx in zip(dparam_refs, floats):
+      r[...] += dparams[idx].reshape(r.shape).astype(r.dtype)
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
                                     preferred_element_type=jnp.float32)
 
@@ -311,11 +371,12 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
     dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
   sp, hv = k.shape[2], v.shape[-1]
+  nq = tp // bq
   steps = plan.kv_indices.shape[-1]
   q_map, kv_map, fetch_map = _kv_maps(cfg.group)
   lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
@@ -327,7 +388,10 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
               pl.BlockSpec((None, None, bq, hv), q_map)]
   in_specs += _row_specs(cfg, bq, bk)
   args = [q, k, v, lanes(lse), lanes(di), do]
-  args += _row_args(cfg, q_seg, kv_seg, bias)
+  args += _row_args(cfg, opt)
+  specs, extra = _extra_inputs(cfg, opt)
+  in_specs += specs
+  args += extra
   if plan.has_partial:
     in_specs.append(pl.BlockSpec((None, bq, bk), fetch_map))
     args.append(jnp.asarray(plan.partial_masks))
@@ -335,19 +399,36 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   aliases = {}
   if cfg.has_bias:
-    # d logits per tile; EMPTY tiles are never visited and keep the aliased zeros.
+    # Per-program d-bias partials [B, N, Tp, Sp] (or the key bias's column sums
+    # [B, N, nq, 8, Sp]); EMPTY tiles are never visited and keep the aliased zeros.
+    if cfg.bias_rows:
+      shape = (b, n, tp, sp)
+      spec = pl.BlockSpec(
+          (None, None, bq, bk),
+          lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, idx[hm[ni], i, j]))
+    else:
+      shape = (b, n, nq, NUM_SUBLANES, sp)
+      spec = pl.BlockSpec(
+          (None, None, None, NUM_SUBLANES, bk),
+          lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, 0, idx[hm[ni], i, j]))
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
     aliases = {_NUM_TABLES + len(args): 1}
-    args.append(jnp.zeros((b, n, tp, sp), jnp.float32))
+    args.append(jnp.zeros(shape, jnp.float32))
+    out_specs.append(spec)
+    out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
+  for idx in common.float_param_indices(cfg):
+    # One [1, *shape] slice of the params gradient per (b, n, q block) program.
+    shape = common.kernel_param_shape(cfg.param_shapes[idx][0])
+    zeros = (0,) * len(shape)
     out_specs.append(pl.BlockSpec(
-        (None, None, bq, bk),
-        lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, idx[hm[ni], i, j])))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
-  kernel = functools.partial(_dq_kernel, cfg=cfg, bk=bk, steps=steps)
+        (None,) + shape,
+        lambda bi, ni, i, j, *_, z=zeros: ((bi * n + ni) * nq + i,) + z))
+    out_shape.append(jax.ShapeDtypeStruct((b * n * nq,) + shape, jnp.float32))
+  kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, tp // bq, steps),
+          num_scalar_prefetch=_NUM_TABLES, grid=(b, n, nq, steps),
           in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
@@ -358,7 +439,15 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
       interpret=cfg.interpret,
       name='block_sparse_flash_dq',
   )(*_tables(plan, 'kv'), *args)
-  return outs[0], (outs[1] if cfg.has_bias else None)
+  outs = list(outs)
+  dq = outs.pop(0)
+  dbias = None
+  if cfg.has_bias:
+    partial = outs.pop(0)
+    if not cfg.bias_rows:
+      partial = partial[:, :, :, 0, :]  # [B, N, nq, Sp]
+    dbias = common.sum_dbias(partial, cfg, opt['bias'].shape)
+  return dq, dbias, common.sum_dparams(cfg, outs)
 
 
 # ------------------------------------------------------------------ backward: dk, dv
@@ -366,13 +455,15 @@ def _dq(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
 
 def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
                 k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
-                cfg: common.Config, bq: int, steps: int):
-  del q_idx_ref, q_fetch_ref
-  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'mask'))
+                cfg: common.Config, bq: int, bk: int, steps: int):
+  del q_fetch_ref
+  opt, refs = common.unpack_refs(refs, cfg,
+                                 ('seg', 'bias', 'seed', 'params', 'mask'))
   dk_ref, dv_ref, dk_acc, dv_acc = refs
-  kh, kb, gi, j = (pl.program_id(1), pl.program_id(2), pl.program_id(3),
-                   pl.program_id(4))
-  u = hm_ref[kh * cfg.group + gi]
+  b, kh, kb, gi, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
+                      pl.program_id(3), pl.program_id(4))
+  n = kh * cfg.group + gi
+  u = hm_ref[n]
 
   @pl.when(jnp.logical_and(gi == 0, j == 0))
   def _init():
@@ -383,9 +474,13 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
     q = q_ref[...]
     do = do_ref[...]
     # Transposed tile: kv positions on sublanes, q positions on lanes.
-    s, t = _logits(k_ref[...], q, cfg.scale, cfg.soft_cap, NT_DIMS)  # [bk, bq]
+    ids = _tile_ids(cfg, b, n, q_idx_ref[u, kb, j], kb, (bk, bq), 1)
+    leaves = common.read_params(cfg, opt['params'])
+    s = lax.dot_general(k_ref[...], q, NT_DIMS,
+                        preferred_element_type=jnp.float32) * cfg.scale
+    s, pre, t = common.tile_logits(cfg, s, leaves, ids)  # [bk, bq]
     if opt['bias'] is not None:
-      s = s + opt['bias'][...].astype(jnp.float32)
+      s = s + opt['bias'][...].astype(jnp.float32)  # [bk, bq] or [bk, 1]
     q_ids = kv_ids = None
     if opt['q_seg'] is not None:
       kv_ids = _lanes(opt['kv_seg'][...], bq)  # [bk, bq]
@@ -394,13 +489,16 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
     p = jnp.exp(s - lse_ref[:1, :])  # [bk, bq]
     if vis is not None:
       p = jnp.where(vis, p, 0.0)
-    dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, NN_DIMS,
-                                   preferred_element_type=jnp.float32)
     dp = lax.dot_general(v_ref[...], do, NT_DIMS,
                          preferred_element_type=jnp.float32)  # [bk, bq]
+    p_drop = p
+    if cfg.has_dropout:
+      mult = common.tile_dropout(cfg, _seed(opt), ids)
+      p_drop, dp = p * mult, dp * mult
+    dv_acc[...] += lax.dot_general(p_drop.astype(do.dtype), do, NN_DIMS,
+                                   preferred_element_type=jnp.float32)
     ds = p * (dp - di_ref[:1, :])
-    if t is not None:
-      ds = ds * (1.0 - t * t)
+    ds, _ = common.tile_dlogits(cfg, ds, pre, t, leaves, ids, False)
     dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
                                    preferred_element_type=jnp.float32)
 
@@ -413,7 +511,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
+def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
   plan = cfg.plan
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
@@ -443,8 +541,8 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
               pl.BlockSpec((None, None, bq, hv), q_map)]
   args = [q, k, v, rows(lse), rows(di), do]
   if cfg.has_segments:
-    q_rows = lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, tp), (0, 2))
-    kv_lanes = lax.broadcast_in_dim(kv_seg, (b, sp, NUM_LANES), (0, 1))
+    q_rows = lax.broadcast_in_dim(opt['q_seg'], (b, NUM_SUBLANES, tp), (0, 2))
+    kv_lanes = lax.broadcast_in_dim(opt['kv_seg'], (b, sp, NUM_LANES), (0, 1))
     in_specs += [
         pl.BlockSpec((None, NUM_SUBLANES, bq),
                      lambda bi, kh, kb, gi, j, hm, idx, *_: (
@@ -454,13 +552,18 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
     ]
     args += [q_rows, kv_lanes]
   if cfg.has_bias:
-    # Bias transposed once to the [bk, bq] orientation of this kernel.
+    # Bias transposed once to the [bk, bq] orientation of this kernel ([bk, 1] for
+    # a key bias).
+    cols = bq if cfg.bias_rows else 1
     in_specs.append(pl.BlockSpec(
-        (None, None, bk, bq),
+        (None, None, bk, cols),
         lambda bi, kh, kb, gi, j, hm, idx, *_: (
             *cfg.bias_index(bi, kh * g + gi), kb,
-            q_block(kh, kb, gi, j, hm, idx))))
-    args.append(bias.transpose(0, 1, 3, 2))  # [Bb, Nb, Sp, Tp]
+            q_block(kh, kb, gi, j, hm, idx) if cfg.bias_rows else 0)))
+    args.append(opt['bias'].transpose(0, 1, 3, 2))  # [Bb, Nb, Sp, Tp or 1]
+  specs, extra = _extra_inputs(cfg, opt)
+  in_specs += specs
+  args += extra
   if plan.has_partial:
     # Bitmaps transposed once (static) to the [bk, bq] orientation.
     in_specs.append(pl.BlockSpec(
@@ -469,7 +572,7 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
             fetch[hm[kh * g + gi], kb, j], 0, 0)))
     args.append(jnp.asarray(
         np.ascontiguousarray(plan.partial_masks.transpose(0, 2, 1))))
-  kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, steps=steps)
+  kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -489,10 +592,10 @@ def _dkv(cfg: common.Config, q, k, v, bias, q_seg, kv_seg, lse, di, do):
   )(*_tables(plan, 'q'), *args)
 
 
-def _backward(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do):
-  dq, dlogits = _dq(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
-  dk, dv = _dkv(cfg, q, k, v, bias, q_seg, kv_seg, lse, di, do)
-  return dq, dk, dv, dlogits
+def _backward(cfg, q, k, v, opt, lse, di, do):
+  dq, dbias, dparams = _dq(cfg, q, k, v, opt, lse, di, do)
+  dk, dv = _dkv(cfg, q, k, v, opt, lse, di, do)
+  return dq, dk, dv, dbias, dparams
 
 
 _flash = common.make_flash(_forward, _backward)
@@ -503,6 +606,10 @@ _flash = common.make_flash(_forward, _backward)
 # Scalar-prefetch tables live in SMEM (1 MiB per TensorCore on current chips); keep
 # them well inside it.
 SMEM_TABLE_BUDGET = 512 * 1024
+# score_mod parameters are whole-array VMEM blocks in every kernel (double-buffered
+# by the pipeline); VMEM is 16-128 MiB per core depending on the chip, shared with
+# the q / k / v tiles, so small tables only.
+PARAMS_VMEM_BUDGET = 2 * 1024 * 1024
 
 
 def _smem_reason(plan: common.Plan) -> str | None:
@@ -514,55 +621,71 @@ def _smem_reason(plan: common.Plan) -> str | None:
           "implementation='xla')")
 
 
-def unsupported(query: jax.Array, key: jax.Array, value: jax.Array, *,
-                mask=None, mask_obj=None, **unused) -> str | None:
-  """Why these inputs cannot compile on this TPU (None: they can).
-
-  Every input combination runs in interpret mode; on a TPU backend the inputs must
-  not be float64 (Mosaic has none) and the scalar tables of the default 128 x 128
-  tiles must fit `SMEM_TABLE_BUDGET`.
-  """
-  del unused
-  if jax.default_backend() != 'tpu':
-    return None
+def _hardware_reason(query, key, value, problem, sizes: BlockSizes,
+                     plan: common.Plan | None = None) -> str | None:
+  """Why these inputs cannot compile with Mosaic (None: they can)."""
   if any(x.dtype == jnp.float64 for x in (query, key, value)):
     return 'float64 inputs (Mosaic has no float64)'
-  n, t, s = query.shape[2], query.shape[1], key.shape[1]
-  sizes = BlockSizes()
-  plan = common.make_plan(common.effective_mask(mask_obj, mask, t, s, n),
-                          sizes.block_q, sizes.block_kv, n)
+  for name in ('block_q', 'block_kv'):
+    if getattr(sizes, name) % NUM_LANES:
+      return (f'{name}={getattr(sizes, name)} is not a multiple of {NUM_LANES} '
+              '(the lane dimension of a logits tile; smaller tiles run in '
+              'interpret mode only)')
+  if problem.score_mod is not None:
+    leaves = jax.tree_util.tree_leaves(problem.score_mod.params)
+    if any(jnp.result_type(x) == jnp.float64 for x in leaves):
+      return 'float64 score_mod params (Mosaic has no float64)'
+    size = common.params_bytes(problem)
+    if size > PARAMS_VMEM_BUDGET:
+      return (f'the score_mod params need {size} bytes of VMEM, more than the '
+              f'{PARAMS_VMEM_BUDGET}-byte budget')
+    reason = common.score_mod_reason(problem.score_mod)
+    if reason:
+      return reason
+  if plan is None:
+    n, t, s = query.shape[2], query.shape[1], key.shape[1]
+    plan = common.make_plan(
+        common.effective_mask(problem.mask_obj, problem.mask, t, s, n),
+        sizes.block_q, sizes.block_kv, n)
   return _smem_reason(plan)
 
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
-              scale: float, bias: jax.Array | None = None,
-              mask: jax.Array | None = None,
-              mask_obj: masks_base.Mask | None = None,
-              logits_soft_cap: float | None = None,
-              sinks: jax.Array | None = None,
-              q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None,
-              return_residuals: bool = False,
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
+                problem) -> str | None:
+  """Why this problem cannot compile on this TPU (None: it can).
+
+  Every problem runs in interpret mode (any backend but TPU); on a TPU backend the
+  inputs and score_mod params must not be float64 (Mosaic has none), the score_mod
+  must lower (no gathers / dynamic slices: `common.score_mod_reason`), its params
+  must fit `PARAMS_VMEM_BUDGET`, and the scalar tables of the default 128 x 128
+  tiles must fit `SMEM_TABLE_BUDGET`.
+  """
+  if jax.default_backend() != 'tpu':
+    return None
+  return _hardware_reason(query, key, value, problem, BlockSizes())
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
               block_sizes: BlockSizes | None = None,
               interpret: bool | None = None):
-  """Block-sparse flash attention on TPU (see `attention.dot_product_attention`).
+  """Block-sparse flash attention on TPU for a `kernels.problem.AttentionProblem`.
 
-  Inputs are validated by `dot_product_attention`; this is its implementation entry.
+  Every feature of the contract is supported: the static mask (mask_obj AND a
+  concrete batch-independent `mask` array) drives the block lists; `bias` and any
+  other `mask` array are added to the logits tile by tile; score_mod, dropout, sinks,
+  segments, soft-cap run per tile in all three kernels.
 
-  Every input combination of the dispatch contract is supported: the static mask
-  (mask_obj AND a concrete batch-independent `mask` array) drives the block lists;
-  `bias` and any other `mask` array are added to the logits tile by tile.
-
-  Args (beyond the dispatch contract):
-    block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples).
+  Args:
+    query, key, value, problem: see `kernels.problem` (validated by the API).
+    block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples);
+      multiples of 8 run in interpret mode, Mosaic needs multiples of 128.
     interpret: run the Pallas interpreter; default True unless the backend is TPU.
 
   Returns:
-    out [B, T, N, H_v] (and lse [B, N, T] float32 with `return_residuals`).
+    out [B, T, N, H_v] (and lse [B, N, T] float32 with `problem.return_residuals`).
 
   Raises:
-    ValueError: when compiling for a TPU (interpret=False), for float64 inputs
-      (Mosaic has no float64) or scalar tables larger than `SMEM_TABLE_BUDGET`.
+    ValueError: when compiling for a TPU (interpret=False) what `unsupported` names.
   """
   if block_sizes is None:
     block_sizes = BlockSizes()
@@ -570,17 +693,12 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
   interpret = common.check_interpret(interpret, 'tpu')
-  cfg, bias = common.configure(
-      query, key, value, scale=scale, bias=bias, mask=mask, mask_obj=mask_obj,
-      logits_soft_cap=logits_soft_cap, sinks=sinks, q_segment_ids=q_segment_ids,
-      block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
-      interpret=interpret)
+  cfg, opt = common.configure(
+      query, key, value, problem, block_q=block_sizes.block_q,
+      block_kv=block_sizes.block_kv, interpret=interpret)
   if not interpret:
-    if any(x.dtype == jnp.float64 for x in (query, key, value)):
-      raise ValueError(f'{_NAME} does not support float64 query/key/value on '
-                       'TPU (Mosaic has no float64); got float64.')
-    reason = _smem_reason(cfg.plan)
+    reason = _hardware_reason(query, key, value, problem, block_sizes, cfg.plan)
     if reason:
       raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
-  return common.run(_flash, cfg, query, key, value, bias, sinks,
-                    q_segment_ids, kv_segment_ids, return_residuals)
+  return common.run(_flash, cfg, query, key, value, opt,
+                    problem.return_residuals)
