@@ -1,4 +1,4 @@
-"""Tests of the blocked XLA flash attention (kernels/xla.py) against float64 oracles."""
+"""Tests of the blocked XLA flash attention (kernels/xla/) against float64 oracles."""
 
 import functools
 
@@ -11,14 +11,40 @@ import numpy as np
 import pytest
 
 from attention import api
-from attention import reference
 from attention.masks import base
+from kernels import problem as problem_lib
+from kernels import reference
 from kernels import xla
 from tests import oracles
 
 
 def _rand(rng, *shape, dtype=np.float64):
   return jnp.asarray(rng.standard_normal(shape).astype(dtype))
+
+
+_XLA_OPTIONS = ('block_q', 'block_kv', 'kv_chunk', 'lanes', 'bwd_block_q',
+                'bwd_block_kv', 'fused')
+
+
+def _problem(q, k, v, *, scale=None, mask=None, mask_obj=None, q_segment_ids=None,
+             kv_segment_ids=None, **kwargs):
+  """make_problem from the old keyword arguments (mask_obj, q/kv_segment_ids)."""
+  masks = tuple(m for m in (mask_obj, mask) if m is not None)
+  segments = (None if q_segment_ids is None else
+              (q_segment_ids, kv_segment_ids))
+  return problem_lib.make_problem(q, k, v, scale=scale, mask=masks or None,
+                                  segment_ids=segments, **kwargs)
+
+
+def _xla(q, k, v, **kwargs):
+  """xla.attention on a problem built from the old keyword arguments."""
+  options = {name: kwargs.pop(name) for name in _XLA_OPTIONS if name in kwargs}
+  return xla.attention(q, k, v, _problem(q, k, v, **kwargs), **options)
+
+
+def _ref(q, k, v, **kwargs):
+  """The float64 reference on the same problem."""
+  return reference.attention(q, k, v, _problem(q, k, v, **kwargs))
 
 
 def _window(t, s, left):
@@ -41,18 +67,18 @@ def _dense_visibility(b, n, t, s, *, mask_obj=None, mask=None, q_seg=None,
 
 
 def _run(q, k, v, *, impl_kwargs=None, **kwargs):
-  """xla.attention with return_residuals on already-normalised kwargs."""
+  """_xla with return_residuals on already-normalised kwargs."""
   kw = dict(scale=1.0 / np.sqrt(q.shape[-1]))
   kw.update(kwargs)
   kw.update(impl_kwargs or {})
-  return xla.attention(q, k, v, return_residuals=True, **kw)
+  return _xla(q, k, v, return_residuals=True, **kw)
 
 
 def _check_against_oracles(q, k, v, *, atol=1e-9, impl_kwargs=None, **kwargs):
   out, lse = _run(q, k, v, impl_kwargs=impl_kwargs, **kwargs)
   scale = 1.0 / np.sqrt(q.shape[-1])
   ref_kwargs = {key: val for key, val in kwargs.items()}
-  ref_out, ref_lse = reference.attention(q, k, v, scale=scale,
+  ref_out, ref_lse = _ref(q, k, v, scale=scale,
                                          return_residuals=True, **ref_kwargs)
   b, t, n, _ = q.shape
   vis = _dense_visibility(b, n, t, k.shape[1], mask_obj=kwargs.get('mask_obj'),
@@ -206,10 +232,10 @@ def test_gradients_match_reference(name):
     if c['segments']:
       kwargs['q_segment_ids'] = jnp.asarray(rng.integers(0, 2, (b, t)))
       kwargs['kv_segment_ids'] = jnp.asarray(rng.integers(0, 2, (b, s)))
-    impl = functools.partial(xla.attention, block_q=c['block'][0],
+    impl = functools.partial(_xla, block_q=c['block'][0],
                              block_kv=c['block'][1], lanes=c['lanes'])
     got = _grads(impl, q, k, v, bias, sinks, **kwargs)
-    want = _grads(reference.attention, q, k, v, bias, sinks, **kwargs)
+    want = _grads(_ref, q, k, v, bias, sinks, **kwargs)
     for name_, g, w in zip(('dq', 'dk', 'dv', 'dbias', 'dsinks'), got, want):
       assert g.shape == w.shape, name_
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9,
@@ -226,13 +252,13 @@ def test_fully_masked_rows_zero_output_and_grads():
   q, k, v = (_rand(rng, 1, t, 2, 8, dtype=np.float32) for _ in range(3))
 
   def loss(q, k, v):
-    out = xla.attention(q, k, v, scale=0.3, mask_obj=mask_obj, block_q=8,
+    out = _xla(q, k, v, scale=0.3, mask_obj=mask_obj, block_q=8,
                         block_kv=8)
     return jnp.sum(out), out
 
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
       q, k, v)
-  _, lse = xla.attention(q, k, v, scale=0.3, mask_obj=mask_obj, block_q=8,
+  _, lse = _xla(q, k, v, scale=0.3, mask_obj=mask_obj, block_q=8,
                          block_kv=8, return_residuals=True)
   for g in grads:
     assert np.isfinite(np.asarray(g)).all()
@@ -250,18 +276,18 @@ def test_bfloat16_close_to_float32_reference():
   t = 64
   q, k, v = (_rand(rng, 2, t, 4, 16, dtype=np.float32) for _ in range(3))
   mask_obj = base.causal(t)
-  want = reference.attention(q, k, v, scale=0.25, mask_obj=mask_obj)
-  got = xla.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+  want = _ref(q, k, v, scale=0.25, mask_obj=mask_obj)
+  got = _xla(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                       v.astype(jnp.bfloat16), scale=0.25, mask_obj=mask_obj,
                       block_q=16, block_kv=32)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
                              atol=3e-2)
-  grad = jax.grad(lambda q: jnp.sum(xla.attention(
+  grad = jax.grad(lambda q: jnp.sum(_xla(
       q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), scale=0.25,
       mask_obj=mask_obj, block_q=16, block_kv=32).astype(jnp.float32)))(
           q.astype(jnp.bfloat16))
-  want_grad = jax.grad(lambda q: jnp.sum(reference.attention(
+  want_grad = jax.grad(lambda q: jnp.sum(_ref(
       q, k, v, scale=0.25, mask_obj=mask_obj)))(q)
   assert grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad),
@@ -310,7 +336,8 @@ def test_dispatch_prefers_xla_on_cpu():
   want = api.dot_product_attention(q, q, q, is_causal=True,
                                    implementation='reference')
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  fn = api._select(None, 'cpu', (q, q, q), dict(mask=None, mask_obj=None))  # pylint: disable=protected-access
+  fn = api._select(None, 'cpu', (q, q, q), problem_lib.make_problem(  # pylint: disable=protected-access
+      q, q, q, is_causal=True))
   assert fn is xla.attention
 
 
@@ -385,13 +412,25 @@ def test_automatic_blocks_and_no_t_by_s_intermediates():
     (dict(block_q=0), ValueError, 'block_q'),
     (dict(block_kv=2.5), TypeError, 'block_kv'),
     (dict(lanes=-1), ValueError, 'lanes'),
-    (dict(mask_obj=base.causal(9)), ValueError, 'mask_obj'),
-    (dict(mask_obj='causal'), TypeError, 'mask_obj'),
+    (dict(bwd_block_q=True), TypeError, 'bwd_block_q'),
+])
+def test_bad_options_raise(kwargs, error, match):
+  q = jnp.zeros((1, 8, 2, 4))
+  problem = problem_lib.make_problem(q, q, q)
+  with pytest.raises(error, match=match):
+    xla.attention(q, q, q, problem, **kwargs)
+  with pytest.raises(TypeError, match='problem'):
+    xla.attention(q, q, q, dict(scale=1.0))
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(mask=base.causal(9)), ValueError, 'mask'),
+    (dict(mask='causal'), TypeError, 'mask'),
     (dict(bias=jnp.zeros((1, 2, 3, 8))), ValueError, 'bias'),
     (dict(mask=jnp.zeros((1, 1, 8, 8))), TypeError, 'mask'),
     (dict(sinks=jnp.zeros((3,))), ValueError, 'sinks'),
-    (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), ValueError,
-     'kv_segment_ids'),
+    (dict(segment_ids=jnp.zeros((1, 7), jnp.int32)), ValueError,
+     'q_segment_ids'),
     (dict(scale=-1.0), ValueError, 'scale'),
     (dict(logits_soft_cap=0.0), ValueError, 'logits_soft_cap'),
 ])
@@ -400,17 +439,21 @@ def test_bad_inputs_raise(kwargs, error, match):
   call = dict(scale=0.5)
   call.update(kwargs)
   with pytest.raises(error, match=match):
-    xla.attention(q, q, q, **call)
+    api.dot_product_attention(q, q, q, implementation='xla', **call)
 
 
 def test_bad_shapes_raise():
   q = jnp.zeros((1, 8, 3, 4))
+
+  def call(*arrays):
+    return api.dot_product_attention(*arrays, scale=1.0, implementation='xla')
+
   with pytest.raises(ValueError, match='multiple'):
-    xla.attention(q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4)), scale=1.0)
+    call(q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4)))
   with pytest.raises(ValueError, match='key'):
-    xla.attention(q, jnp.zeros((1, 8, 3, 5)), jnp.zeros((1, 8, 3, 4)), scale=1.0)
+    call(q, jnp.zeros((1, 8, 3, 5)), jnp.zeros((1, 8, 3, 4)))
   with pytest.raises(TypeError, match='query'):
-    xla.attention(jnp.zeros((1, 8, 3, 4), jnp.int32), q, q, scale=1.0)
+    call(jnp.zeros((1, 8, 3, 4), jnp.int32), q, q)
 
 
 @pytest.mark.parametrize('call, error, match', [

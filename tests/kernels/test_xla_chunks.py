@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention import reference
 from attention.masks import base
 from kernels import xla
 from tests.kernels import test_xla as helpers
@@ -74,10 +73,10 @@ def test_chunked_gradients_match_reference(mask_name, chunk, bwd):
     q, k, v = _rand(rng, b, t, n, 8), _rand(rng, b, t, kh, 8), _rand(rng, b, t, kh, 6)
     bias, sinks = _rand(rng, 1, n, t, t), _rand(rng, n)
     kwargs = dict(scale=0.4, logits_soft_cap=3.0, mask_obj=mask_obj)
-    impl = functools.partial(xla.attention, block_q=8, block_kv=8, kv_chunk=chunk,
+    impl = functools.partial(helpers._xla, block_q=8, block_kv=8, kv_chunk=chunk,
                              bwd_block_q=bwd[0], bwd_block_kv=bwd[1])
     got = helpers._grads(impl, q, k, v, bias, sinks, **kwargs)  # pylint: disable=protected-access
-    want = helpers._grads(helpers.reference.attention, q, k, v, bias, sinks,  # pylint: disable=protected-access
+    want = helpers._grads(helpers._ref, q, k, v, bias, sinks,  # pylint: disable=protected-access
                           **kwargs)
     for name, g, w in zip(('dq', 'dk', 'dv', 'dbias', 'dsinks'), got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9,
@@ -140,9 +139,9 @@ def test_auto_tiling_chunks_windows_and_keeps_causal():
 
 
 @pytest.mark.parametrize('call, error', [
-    (lambda q: xla.attention(q, q, q, scale=1.0, kv_chunk=0), ValueError),
-    (lambda q: xla.attention(q, q, q, scale=1.0, kv_chunk=2.0), TypeError),
-    (lambda q: xla.attention(q, q, q, scale=1.0, kv_chunk=True), TypeError),
+    (lambda q: helpers._xla(q, q, q, scale=1.0, kv_chunk=0), ValueError),
+    (lambda q: helpers._xla(q, q, q, scale=1.0, kv_chunk=2.0), TypeError),
+    (lambda q: helpers._xla(q, q, q, scale=1.0, kv_chunk=True), TypeError),
     (lambda q: xla.tiling_for(8, 8, None, kv_chunk=-1), ValueError),
     (lambda q: xla.visited_fraction(8, 8, None, kv_chunk='2'), TypeError),
 ])
@@ -158,7 +157,7 @@ def test_bad_kv_chunk_raises(call, error):
 def test_bad_bwd_blocks_raise(kwargs, error, match):
   q = jnp.zeros((1, 8, 2, 4))
   with pytest.raises(error, match=match):
-    xla.attention(q, q, q, scale=1.0, **kwargs)
+    helpers._xla(q, q, q, scale=1.0, **kwargs)
 
 
 def test_auto_bwd_tiling_widens_kv_for_dense_structures():
@@ -196,8 +195,8 @@ def test_default_dense_backward_tiles_match_reference():
     kv_seg = jnp.asarray(np.repeat(np.arange(3), [200, 200, 200])[None])
     kwargs = dict(scale=0.4, logits_soft_cap=3.0, mask_obj=mask_obj,
                   q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    got = helpers._grads(xla.attention, q, k, v, bias, sinks, **kwargs)  # pylint: disable=protected-access
-    want = helpers._grads(helpers.reference.attention, q, k, v, bias, sinks,  # pylint: disable=protected-access
+    got = helpers._grads(helpers._xla, q, k, v, bias, sinks, **kwargs)  # pylint: disable=protected-access
+    want = helpers._grads(helpers._ref, q, k, v, bias, sinks,  # pylint: disable=protected-access
                           **kwargs)
     for name, g, w in zip(('dq', 'dk', 'dv', 'dbias', 'dsinks'), got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9,
@@ -218,9 +217,9 @@ def test_automatic_banded_backward_tiles_match_reference():
     def loss(fn):
       return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
-    ours = loss(lambda q, k, v: xla.attention(q, k, v, scale=0.35, mask_obj=mask_obj,
+    ours = loss(lambda q, k, v: helpers._xla(q, k, v, scale=0.35, mask_obj=mask_obj,
                                               block_q=192, kv_chunk=6))
-    ref = loss(lambda q, k, v: reference.attention(q, k, v, scale=0.35,
+    ref = loss(lambda q, k, v: helpers._ref(q, k, v, scale=0.35,
                                                    mask_obj=mask_obj))
     got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention import reference
 from attention.masks import base
 from kernels import xla
 from tests.kernels import test_xla
@@ -81,11 +80,11 @@ def test_float32_large_logit_jumps_and_empty_rows(fused):
   dense = np.ones((t, s), bool)
   dense[7] = False
   mask_obj = base.from_array(dense)
-  out, lse = xla.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+  out, lse = test_xla._xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                            scale=1.0, mask_obj=mask_obj, block_q=16, block_kv=8,
                            fused=fused, return_residuals=True)
   with jax.enable_x64(True):
-    want, want_lse = reference.attention(
+    want, want_lse = test_xla._ref(
         *(jnp.asarray(x, jnp.float64) for x in (q, k, v)), scale=1.0,
         mask_obj=mask_obj, return_residuals=True)
   assert np.isfinite(np.asarray(out)).all()
@@ -111,10 +110,10 @@ def test_step_forms_gradients_match_reference(fused):
     def loss(fn):
       return lambda q, k, v, sinks: jnp.sum(jnp.sin(fn(q, k, v, sinks)))
 
-    ours = loss(lambda q, k, v, sinks: xla.attention(
+    ours = loss(lambda q, k, v, sinks: test_xla._xla(
         q, k, v, scale=0.4, mask_obj=mask_obj, sinks=sinks, block_q=8, block_kv=8,
         fused=fused))
-    ref = loss(lambda q, k, v, sinks: reference.attention(
+    ref = loss(lambda q, k, v, sinks: test_xla._ref(
         q, k, v, scale=0.4, mask_obj=mask_obj, sinks=sinks))
     got = jax.grad(ours, argnums=(0, 1, 2, 3))(q, k, v, sinks)
     want = jax.grad(ref, argnums=(0, 1, 2, 3))(q, k, v, sinks)
@@ -135,4 +134,4 @@ def test_auto_fused_only_where_tile_dots_run_on_one_core():
   assert not xla._auto_fused(256, 256, 1, 64, batch_items=16)  # pylint: disable=protected-access
   with pytest.raises(TypeError, match='fused'):
     q = jnp.zeros((1, 8, 2, 4))
-    xla.attention(q, q, q, scale=1.0, fused='yes')
+    test_xla._xla(q, q, q, scale=1.0, fused='yes')
