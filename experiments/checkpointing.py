@@ -6,17 +6,181 @@ iterator's JSON state). Saves are asynchronous; orbax writes into a temporary
 directory and renames it only when every item is complete, and only finalized step
 directories are listed, so a run killed in the middle of a save resumes from the
 previous complete checkpoint.
+
+A complete checkpoint can still be unusable (a data file truncated by a full disk, a
+manifest or the `state/` item deleted, metadata cut short). `restore_newest_usable`
+tries the checkpoints newest first and verifies each restore (it must succeed, carry
+its own step number and hold only finite floats); an unusable one is reported in one
+line and moved aside to `<workdir>/checkpoints_corrupt/<step>` (never deleted) before
+falling back to the next. When none is usable, nothing is moved and one
+`CheckpointError` lists every step and its cause.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
+from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
+CORRUPT_DIR = 'checkpoints_corrupt'
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir could be restored (the message lists why)."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+  """'TypeName: first line of the message' cut to `limit` characters."""
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ''
+  if len(text) > limit:
+    text = text[:limit - 3] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def verify_restored(step: int, state: Any) -> None:
+  """Raises ValueError unless `state` is plausibly the checkpoint of `step`.
+
+  Checks the stored step counter (a state dict with a 'step' entry) and that every
+  floating-point leaf is finite: training stops before saving a non-finite step
+  (`NonFiniteError`), so NaN/Inf in a checkpoint means damaged data.
+  """
+  if isinstance(state, dict) and 'step' in state:
+    stored = int(np.asarray(jax.device_get(state['step'])))
+    if stored != step:
+      raise ValueError(f'the state holds step {stored}, not {step}')
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_shards[0].data
+    arr = np.asarray(jax.device_get(leaf))
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+      raise ValueError(
+          f'non-finite values in {jax.tree_util.keystr(path)}')
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_newest_usable(
+    directory: str, steps: list[int], restore: Callable[[int], Any], *,
+    corrupt_dir: str, reload: Callable[[], None] | None = None
+) -> tuple[int, Any] | None:
+  """(step, restored) of the newest checkpoint that restores and verifies.
+
+  Args:
+    directory: the checkpoint directory (`<directory>/<step>/`).
+    steps: its finalized steps.
+    restore: step -> restored object; raises on failure and should call
+      `verify_restored`.
+    corrupt_dir: where unusable checkpoints are moved when an older one is usable.
+    reload: refreshes the checkpoint manager's step list after a move.
+
+  Returns:
+    None when there are no checkpoints.
+
+  Raises:
+    CheckpointError: there are checkpoints but none is usable (nothing is moved).
+  """
+  steps = sorted(steps, reverse=True)
+  if not steps:
+    return None
+  failures: list[tuple[int, str]] = []
+  for step in steps:
+    try:
+      with _quiet_async_errors():
+        restored = restore(step)
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure of any layer (orbax, tensorstore, json, our checks) makes the
+      # checkpoint unusable; the cause is reported below in one line.
+      failures.append((step, _one_line(e)))
+      continue
+    _sync('attnlab_checkpoint_fallback')
+    for bad, reason in failures:
+      target = _move_aside(directory, bad, corrupt_dir)
+      logging.warning(
+          'checkpoint step %d in %s is unusable (%s); moved it to %s; falling '
+          'back to step %d.', bad, directory, reason, target, step)
+    _sync('attnlab_checkpoint_fallback_done')
+    if failures and reload is not None:
+      reload()
+    return step, restored
+  raise CheckpointError(
+      f'no usable checkpoint in {directory}: ' +
+      '; '.join(f'step {s}: {r}' for s, r in failures) +
+      f'. Nothing was moved or deleted; move {directory} aside to start from '
+      f'scratch, or repair it.')
+
+
+def _move_aside(directory: str, step: int, corrupt_dir: str) -> str:
+  """Moves `<directory>/<step>` into `corrupt_dir` (primary process only)."""
+  target = os.path.join(corrupt_dir, str(step))
+  if os.path.exists(target):  # An earlier copy of the same step: keep both.
+    n = 1
+    while os.path.exists(f'{target}.{n}'):
+      n += 1
+    target = f'{target}.{n}'
+  if jax.process_index() == 0:
+    os.makedirs(corrupt_dir, exist_ok=True)
+    shutil.move(os.path.join(directory, str(step)), target)
+  return target
+
+
+class _quiet_async_errors:  # pylint: disable=invalid-name
+  """Silences the asyncio noise a failed orbax restore leaves behind.
+
+  A tensorstore read that fails cancels its sibling reads; their futures are
+  reported by asyncio ('Future exception was never retrieved', one multi-kilobyte
+  message each) and callbacks arriving after orbax closed its event loop raise
+  'Event loop is closed' in unraisable-exception hooks. The real cause is the
+  exception of the restore itself, which the caller reports.
+  """
+
+  def __enter__(self):
+    self._logger = std_logging.getLogger('asyncio')
+    self._level = self._logger.level
+    self._logger.setLevel(std_logging.CRITICAL)
+    install_quiet_event_loop_hook()
+    return self
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+    return False
+
+
+_hook_installed = False
+
+
+def install_quiet_event_loop_hook() -> None:
+  """Drops 'Event loop is closed' RuntimeErrors from sys.unraisablehook.
+
+  Only that exact error (raised by late tensorstore callbacks into orbax's closed
+  per-call event loops after a failed read) is dropped; everything else reaches the
+  previous hook.
+  """
+  global _hook_installed
+  if _hook_installed:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  _hook_installed = True
 
 
 class Checkpointer:
@@ -24,6 +188,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int,
                async_save: bool = True):
+    self.corrupt_directory = os.path.abspath(os.path.join(workdir, CORRUPT_DIR))
     if every < 1:
       raise ValueError(f'checkpoint_every must be >= 1, got {every}.')
     if keep < 1:
@@ -57,6 +222,29 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))
     return restored['state'], restored['data']
+
+  def restore_latest(self, abstract_state: Any
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, data_state) of the newest usable checkpoint; None if none.
+
+    Unusable newer checkpoints are reported and moved to `corrupt_directory`; see
+    `restore_newest_usable` (raises `CheckpointError` when none is usable).
+    """
+    def restore(step):
+      state, data_state = self.restore(step, abstract_state)
+      verify_restored(step, state)
+      if not isinstance(data_state, dict):
+        raise ValueError(f'the data state is {type(data_state).__name__}, not a '
+                         f'dict')
+      return state, data_state
+
+    found = restore_newest_usable(self.directory, self.all_steps(), restore,
+                                  corrupt_dir=self.corrupt_directory,
+                                  reload=self._manager.reload)
+    if found is None:
+      return None
+    step, (state, data_state) = found
+    return step, state, data_state
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""

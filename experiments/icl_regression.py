@@ -3,7 +3,9 @@ r"""In-context linear regression with multi-head softmax attention.
 Reproduces He, Pan, Chen, Yang, "In-Context Linear Regression Demystified" (ICML
 2025, arXiv 2503.12734): trains one-layer multi-head softmax attention (and a linear
 attention baseline) on fresh in-context regression prompts, then writes PNG figures
-and summary.json into --workdir. Resumes from the orbax checkpoints in --workdir.
+and summary.json into --workdir. Resumes from the newest usable orbax checkpoint in
+--workdir (an unusable newer one is reported in one line and moved to
+<workdir>/checkpoints_corrupt/<run>/<step>).
 
   python -m experiments.icl_regression --workdir=/tmp/icl --preset=quick
   python -m experiments.icl_regression --workdir=/tmp/icl_paper --preset=paper
@@ -106,8 +108,13 @@ def main(argv):
   if stop is not None and (stop <= 0 or stop % config.log_every):
     raise app.UsageError(f'--interrupt_after_steps must be a positive multiple '
                          f'of log_every ({config.log_every}), got {stop}.')
-  summary = study.run(config, _WORKDIR.value,
-                      stop_after_step=stop)
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpointing.install_quiet_event_loop_hook()
+  try:
+    summary = study.run(config, _WORKDIR.value, stop_after_step=stop)
+  except checkpointing.CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   if summary is None:
     print(f'Interrupted; resume with the same flags and --workdir='
           f'{_WORKDIR.value}.', file=sys.stderr)

@@ -5,18 +5,21 @@ r"""Trains a transformer (decoder LM or ViT) with any attention variant of attnl
 
 Configs are ml_collections files with named presets (`file.py:preset`); fields are
 overridden with `--config.<field>=value` and unknown fields are rejected. Re-running
-with the same workdir resumes from its latest checkpoint. The logic lives in
+with the same workdir resumes from its newest usable checkpoint (an unusable newer one
+is reported in one line and moved to `<workdir>/checkpoints_corrupt/<step>`). The logic lives in
 `experiments.train_lib`. Several processes: `python -m launch.local` (or launch.tpu_pod /
 launch.slurm) around the same command.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import checkpointing
 from experiments import common_flags
 from experiments import train_lib
 from launch import distributed
@@ -41,7 +44,12 @@ def main(argv):
     raise app.UsageError('--workdir is required.')
   distributed.initialize()  # no-op unless launched as several processes
   logging.info('Config:\n%s', _CONFIG.value)
-  summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  checkpointing.install_quiet_event_loop_hook()
+  try:
+    summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpointing.CheckpointError as e:
+    logging.error('%s', e)
+    sys.exit(1)
   logging.info('Done: %s', summary)
 
 

@@ -12,8 +12,10 @@
   logical-axis rules (`experiments.sharding`), batches over data x fsdp;
 * checkpoints: the state (step, params, optimizer state, RNG key) and the data iterator
   position every `checkpoint_every` steps (async, keep `keep_checkpoints`); a run
-  started in a workdir with checkpoints resumes from the latest complete one and
-  reproduces the uninterrupted run exactly;
+  started in a workdir with checkpoints resumes from the newest usable one and
+  reproduces the uninterrupted run exactly (an unusable newer checkpoint is reported
+  in one line and moved to `<workdir>/checkpoints_corrupt/<step>`; with none usable,
+  `checkpointing.CheckpointError`);
 * a non-finite loss or gradient norm stops the run (`NonFiniteError` naming the step)
   before anything of that step is saved, so the last checkpoint stays the last good one;
 * metrics: JSON lines + TensorBoard (`experiments.metrics`), a console progress line,
@@ -313,11 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     async_save=tc.async_checkpointing)
   summary: dict[str, Any] = {'num_params': trainer.num_params(), 'eval': {}}
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
+    found = ckpt.restore_latest(trainer.abstract_state())
+    if found is None:
       state = trainer.init_state()
     else:
-      state, data_state = ckpt.restore(latest, trainer.abstract_state())
+      latest, state, data_state = found
       source.train.set_state(data_state)
       logging.info('Resumed from step %d (%s).', latest, ckpt.directory)
     start = int(jax.device_get(state['step']))

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from experiments import checkpointing
 from experiments.icl import data
 from experiments.icl import model
 
@@ -318,7 +319,10 @@ def train(spec: RunSpec, workdir: str | None, *, checkpoint_every: int = 0,
   Args:
     spec: the run.
     workdir: checkpoints go to `workdir/checkpoints/<name>`, metrics to
-      `workdir/metrics.jsonl`; None disables both.
+      `workdir/metrics.jsonl`; None disables both. Resumes from the newest usable
+      checkpoint: unusable newer ones are reported in one line and moved to
+      `workdir/checkpoints_corrupt/<name>/<step>`; with none usable,
+      `checkpointing.CheckpointError`.
     checkpoint_every: save every this many steps (a multiple of log_every; 0 = only
       at the end and at `stop_after_step`).
     stop_after_step: stop (after checkpointing) once this step is reached, as if
@@ -347,10 +351,25 @@ def train(spec: RunSpec, workdir: str | None, *, checkpoint_every: int = 0,
     manager = ocp.CheckpointManager(
         ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     _check_spec_file(ckpt_dir, spec)
-    latest = manager.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+    def restore(step):
+      # A standalone checkpointer per attempt: the manager infers its item layout
+      # from the step directories and mis-reads the older ones once it has seen a
+      # step whose item directory is missing.
+      with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            os.path.join(ckpt_dir, str(step), 'default'), abstract)
+      checkpointing.verify_restored(step, restored)
+      return restored
+
+    found = checkpointing.restore_newest_usable(
+        ckpt_dir, list(manager.all_steps()), restore,
+        corrupt_dir=os.path.abspath(os.path.join(
+            workdir, checkpointing.CORRUPT_DIR, spec.name)),
+        reload=manager.reload)
+    if found is not None:
+      state = found[1]
       resumed_from = int(state['step'])
   mesh = make_mesh(spec, max_devices)
   state = shard_state(state, mesh)

@@ -14,6 +14,8 @@ from experiments import icl_regression
 from experiments.icl import study
 
 FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
 
 
 def _run_main(argv):
@@ -115,3 +117,25 @@ def test_build_specs_names_runs():
   assert specs['noniso'].task.rho == 0.5
   with pytest.raises(ValueError, match='preset'):
     configs.get_config('huge')
+
+
+def test_entry_point_unusable_checkpoints_exit_with_one_message(tmp_path):
+  """No usable checkpoint: exit 1 with one line, no traceback or asyncio noise."""
+  workdir = str(tmp_path / 'w')
+  argv = [f'--workdir={workdir}', '--preset=tiny', '--steps=40',
+          '--noniso=false', '--multitask=false', '--linear_heads=',
+          '--interrupt_after_steps=20']
+  _run_main(argv)
+  ckpts = os.path.join(workdir, 'checkpoints', 'main')
+  for r, _, fs in os.walk(ckpts):
+    for f in fs:
+      if f == 'manifest.ocdbt':
+        os.remove(os.path.join(r, f))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.icl_regression', *argv[:-1]],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert out.stderr.count('no usable checkpoint') == 1, out.stderr[-3000:]
+  for noise in ('Traceback', 'Event loop is closed', 'never retrieved'):
+    assert noise not in out.stderr, out.stderr[-3000:]

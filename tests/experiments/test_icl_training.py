@@ -119,3 +119,69 @@ def test_emergent_structure_short_run():
   assert abs(h2['sum_mu_over_sum_abs_mu'][0]) < 0.1
   loss = state['loss'][-1, 0]  # [M] mean loss of the last chunk
   assert loss[1] < 0.8 * loss[0], loss
+
+
+def _corrupt(step_dir, kind):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  walk = [(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  if kind == 'data_file_truncated':
+    for r, f in walk:
+      if os.path.basename(r) == 'd':
+        open(os.path.join(r, f), 'w').close()
+  elif kind == 'manifest_missing':
+    for r, f in walk:
+      if f == 'manifest.ocdbt':
+        os.remove(os.path.join(r, f))
+  elif kind == 'metadata_truncated':
+    for r, f in walk:
+      if f == '_METADATA':
+        with open(os.path.join(r, f), 'rb+') as fh:
+          fh.truncate(10)
+  elif kind == 'item_missing':
+    for name in os.listdir(step_dir):
+      if os.path.isdir(os.path.join(step_dir, name)):
+        shutil.rmtree(os.path.join(step_dir, name))
+  else:
+    raise ValueError(kind)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  spec = _spec(heads=(2,), linear_heads=(), seeds=(0,))
+  full, _ = training.train(spec, None, verbose=False)
+  base = str(tmp_path / 'base')
+  training.train(spec, base, checkpoint_every=10, stop_after_step=20,
+                 verbose=False)
+  assert sorted(os.listdir(os.path.join(base, 'checkpoints', 't'))) == [
+      '10', '20', 'spec.json']
+  caplog.set_level('WARNING')
+  for kind in ('data_file_truncated', 'manifest_missing', 'metadata_truncated',
+               'item_missing'):
+    workdir = str(tmp_path / kind)
+    shutil.copytree(base, workdir)
+    _corrupt(os.path.join(workdir, 'checkpoints', 't', '20'), kind)
+    caplog.clear()
+    state, timing = training.train(spec, workdir, checkpoint_every=10,
+                                   verbose=False)
+    assert timing['resumed_from'] == 10, kind
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(state)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    lines = [r.getMessage() for r in caplog.records
+             if 'unusable' in r.getMessage()]
+    assert len(lines) == 1 and '\n' not in lines[0], (kind, lines)
+    moved = os.path.join(workdir, 'checkpoints_corrupt', 't', '20')
+    assert 'step 20' in lines[0] and moved in lines[0], lines[0]
+    assert 'falling back to step 10' in lines[0]
+    assert os.path.isdir(moved), kind
+  # None usable: one error naming every step; nothing moved.
+  workdir = str(tmp_path / 'none')
+  shutil.copytree(base, workdir)
+  for step in ('10', '20'):
+    _corrupt(os.path.join(workdir, 'checkpoints', 't', step), 'manifest_missing')
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'no usable checkpoint .*step 20: .*step 10: '):
+    training.train(spec, workdir, verbose=False)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_corrupt'))
