@@ -150,6 +150,15 @@ class Trainer:
           f'the microbatch (data.batch_size / train.grad_accum_steps = {micro}) '
           f'must be a multiple of the data x fsdp mesh size ({batch_shards}).')
     self.tx, self.schedule = make_optimizer(config.train)
+    # A mask that hides a whole query row (e.g. a mis-parsed spec) is a config
+    # error, reported before anything is traced or compiled.
+    try:
+      length = _tokens_per_example(config, info)
+      registry.check_mask_rows(
+          config.model.attention.mask, q_len=length, kv_len=length,
+          num_heads=config.model.num_heads, causal=config.model.kind == 'lm')
+    except ValueError as e:
+      raise ValueError(f'model.attention.mask: {e}') from None
 
     def build():
       return models.build_model(

@@ -27,6 +27,7 @@ import inspect
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 import attention
 from attention import masks as attention_masks
@@ -158,12 +159,25 @@ def make_mask(spec: str, *, q_len: int, kv_len: int,
   if clash:
     raise ValueError(
         f'mask spec {spec!r}: {clash} are set by the model, not the spec.')
+  # Positional spec arguments fill the generator's positional parameters in order
+  # (after those the model fills in); never keyword-only ones: 'sliding_window:4,0,99'
+  # must not quietly become offset=99.
+  positional = [p for p, param in params.items()
+                if p not in filled and p not in kwargs and param.kind in (
+                    param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)]
+  if len(args) > len(positional):
+    keyword_only = [p for p, param in params.items()
+                    if param.kind == param.KEYWORD_ONLY and p not in filled]
+    by_name = (f'; give keyword-only parameters by name ({", ".join(keyword_only)}'
+               f'), e.g. "{name}:...,{keyword_only[0]}=..."'
+               if keyword_only else '')
+    raise ValueError(
+        f'mask spec {spec!r}: attention.masks.{name} takes at most '
+        f'{len(positional)} positional arguments ({", ".join(positional)}), got '
+        f'{len(args)}{by_name}.')
   try:
-    positional = [p for p in params if p not in filled and p not in kwargs]
     bound = inspect.signature(fn).bind(
         **filled, **kwargs, **dict(zip(positional, args)))
-    if len(args) > len(positional):
-      raise TypeError(f'too many positional arguments ({len(args)})')
   except TypeError as e:
     raise ValueError(
         f'mask spec {spec!r} does not match attention.masks.{name}'
@@ -173,3 +187,43 @@ def make_mask(spec: str, *, q_len: int, kv_len: int,
     raise TypeError(
         f'attention.masks.{name} returned {type(mask).__name__}, not a Mask.')
   return mask
+
+
+# Dense row checks materialise [heads, q_len, kv_len] booleans; above this many
+# elements (64 MiB) the check is skipped (such masks are structured generators whose
+# rows are tested in attention/masks; the training config bounds seq_len anyway).
+MAX_CHECKED_MASK_ELEMENTS = 1 << 26
+
+
+@functools.lru_cache(maxsize=256)
+def check_mask_rows(spec: str, *, q_len: int, kv_len: int, num_heads: int,
+                    causal: bool) -> None:
+  """Raises ValueError if `spec` leaves a query row with no visible key.
+
+  Such a row attends to nothing (its output is zeros), which is never intended: a
+  mis-parsed or mis-sized spec. With `causal` (decoders, k <= q ANDed with the mask)
+  every row must see at least its own position, the only key causality always
+  allows; otherwise every row must see at least one key.
+  """
+  mask = make_mask(spec, q_len=q_len, kv_len=kv_len, num_heads=num_heads)
+  if mask is None:
+    return
+  heads = num_heads if mask.head_dependent else 1
+  if heads * q_len * kv_len > MAX_CHECKED_MASK_ELEMENTS:
+    return
+  dense = mask.materialize(num_heads if mask.head_dependent else None)
+  dense = dense.reshape((-1, q_len, kv_len))  # [H or 1, T, S]
+  if causal:  # k <= q (as attention.masks.causal): row q must see key q.
+    rows = np.arange(min(q_len, kv_len))
+    ok = dense[:, rows, rows]  # [H, min(T, S)]
+    need = 'see its own position (causal model)'
+  else:
+    ok = dense.any(-1)  # [H, T]
+    need = 'see at least one key'
+  if not ok.all():
+    h, row = np.argwhere(~ok)[0]
+    raise ValueError(
+        f'mask {spec!r} at q_len={q_len}, kv_len={kv_len}: query row {int(row)}'
+        f'{f" (head {int(h)})" if mask.head_dependent else ""} and '
+        f'{int(np.sum(~ok)) - 1} other(s) do not {need}; check the spec\'s '
+        f'arguments ({mask!r}).')

@@ -303,3 +303,38 @@ def test_build_model_from_config():
   with pytest.raises(ValueError, match='square images'):
     models.build_model(vit.get_config('tiny').model, num_classes=4,
                        image_shape=(16, 8, 1))
+
+
+def test_mask_spec_positional_arguments_never_bind_keyword_only_parameters():
+  # sliding_window(q_len, left, right=0, *, kv_len=None, offset=0): 99 must not
+  # become `offset` (a window with no visible pair).
+  with pytest.raises(ValueError, match=r"sliding_window takes at most 2 "
+                     r"positional arguments \(left, right\), got 3.*offset"):
+    registry.make_mask('sliding_window:4,0,99', q_len=8, kv_len=8, num_heads=2)
+  # By name it still works.
+  m = registry.make_mask('sliding_window:4,0,offset=1', q_len=8, kv_len=8,
+                         num_heads=2)
+  assert m == masks.sliding_window(8, 4, 0, offset=1)
+
+
+def test_mask_that_hides_a_whole_row_is_rejected_at_model_construction():
+  # No visible key in some rows (a causal model's row must see its own token).
+  for spec, causal in (('sliding_window:4,0,offset=99', True),
+                       ('causal:-3', True),
+                       ('sliding_window:0,0,offset=2', True),
+                       ('sliding_window:0,0,offset=20', False)):
+    with pytest.raises(ValueError, match=r'query row'):
+      registry.check_mask_rows(spec, q_len=8, kv_len=8, num_heads=2,
+                               causal=causal)
+  registry.check_mask_rows('sliding_window:2,0', q_len=8, kv_len=8,
+                           num_heads=2, causal=True)
+  registry.check_mask_rows('sliding_window:2,2', q_len=8, kv_len=8,
+                           num_heads=2, causal=False)
+  registry.check_mask_rows('none', q_len=8, kv_len=8, num_heads=2, causal=True)
+  from experiments import train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import lm  # pylint: disable=g-import-not-at-top
+  config = lm.get_config('tiny')
+  config.model.attention.mask = 'sliding_window:4,0,offset=99'
+  with pytest.raises(ValueError, match=r'model.attention.mask.*query row'):
+    train_lib.Trainer(config, train_lib.data_lib.make_source(
+        config.data, seed=0).info)
