@@ -466,8 +466,17 @@ def _fused_tile(tiles: _Tiles, qt, kt, vt, rows, cols, bitmap_ids, valid):
   m_t = s_max.max(-1)  # [C, B, Ku, gu, bq]
   # Masked logits are the dtype's finite minimum here: a row the tile hides then
   # gives exp(0) = 1 terms (finite, discarded by the caller's scale of 0), not NaN.
-  s, _, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid,
-                         fill=jnp.finfo(qt.dtype).min, additive=True)
+  # A -inf bias or score_mod (or a very negative one plus the fill, which overflows
+  # to -inf) would give rows of -inf, whose row max makes exp(-inf + inf) NaN: with
+  # a bias or score_mod the logits are clamped to the finite floor. The clamp stays
+  # inside the fusion (causal T = 2048, N = 8, H = 64, 256 x 256 tiles, with a key
+  # bias: 51.1 ms clamped vs 51.7 ms not); without a bias the clamp cost 5.5%
+  # (43.9 vs 41.5 ms) and no -inf can arise, so plain tiles are not clamped.
+  floor = jnp.finfo(qt.dtype).min
+  s, _, _ = tiles.scores(qt, kt, rows, cols, bitmap_ids, valid, fill=floor,
+                         additive=True)
+  if tiles.bias is not None or tiles.mod is not None:
+    s = jnp.maximum(s, floor)
   p = jnp.exp(s - s.max(-1, keepdims=True))  # [C, B, Ku, gu, bq, W]
   a = _bdot('cbkmj,cbkjv->cbkmv', p.reshape(p.shape[:3] + (-1,) + p.shape[-1:]), vt,
             precision=_PRECISION)  # [C, B, Ku, gu * bq, Hv + 1]
