@@ -518,15 +518,18 @@ def shared_memory_bytes(sizes: BlockSizes, head_dim: int, value_dim: int,
                         itemsize: int) -> int:
   """Estimated shared memory of the largest kernel (dk/dv) for these tiles.
 
-  Triton stages dot operands through shared memory, `num_stages` deep for pipelined
-  loads: the q / do tiles [block_q, H / Hv] and k / v tiles [block_kv, H / Hv] in the
-  input dtype, plus the p / ds tiles [block_q, block_kv] (cast to the input dtype)
-  feeding the transposed dots.
+  Triton stages dot operands through shared memory; the tiles loaded inside the
+  kv / q loop are pipelined `num_stages` deep. Per kernel: the loop tiles
+  (forward / dq: k, v [block_kv, H / Hv]; dk/dv: q, do [block_q, H / Hv]) x stages,
+  the tiles loaded once (q, do or k, v), and the p / ds tiles [block_q, block_kv]
+  cast to the input dtype for the second dots; the maximum over the kernels.
   """
   bq, bk = sizes.block_q, sizes.block_kv
   h, hv = _padded_dim(head_dim), _padded_dim(value_dim)
-  tiles = (bq * (h + hv) + bk * (h + hv)) * itemsize * sizes.num_stages
-  return tiles + 2 * bq * bk * itemsize
+  stages = sizes.num_stages
+  fwd = bk * (h + hv) * stages + bq * (h + hv)
+  dkv = bq * (h + hv) * stages + bk * (h + hv)
+  return (max(fwd, dkv) + 2 * bq * bk) * itemsize
 
 
 def _hardware_reason(query, key, value, problem, sizes: BlockSizes) -> str | None:
