@@ -4,6 +4,13 @@
 ({"step": s, "split": "train"|"eval", <name>: value, ...}) and, when tensorboardX is
 installed, writes the same scalars as TensorBoard events under `<workdir>/tensorboard/`
 (one run directory per split). Only the primary host writes.
+
+Resuming: a run restarted from the checkpoint of step s re-runs steps s+1, ...; the
+writer's `resume(s)` (or `resume_step=s`) first drops every row with step > s from
+metrics.jsonl, so the file keeps one row per (step, split), and opens the TensorBoard
+writers with `purge_step=s + 1`, which tells TensorBoard to discard the old events of
+those steps (TensorBoard applies it when it loads the event files; the old files are
+not rewritten).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 
@@ -33,19 +40,33 @@ class MetricsWriter:
   """Writes scalar metrics to JSON lines and (optionally) TensorBoard."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True,
-               enabled: bool = True):
+               enabled: bool = True, resume_step: int | None = None):
     self._enabled = enabled
     self._path = os.path.join(workdir, METRICS_FILE)
     self._tb: dict[str, Any] = {}
     self._tb_dir = os.path.join(workdir, 'tensorboard') if tensorboard else None
+    self._purge_step: int | None = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       _end_torn_line(self._path)
+    if resume_step is not None:
+      self.resume(resume_step)
+
+  def resume(self, step: int) -> None:
+    """Drops rows after `step` (about to be re-run); call before writing."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      raise ValueError(f'step must be an int >= 0, got {step!r}.')
+    if self._tb:
+      raise RuntimeError('resume() must be called before the first write().')
+    self._purge_step = step + 1
+    if self._enabled:
+      truncate_after(self._path, step)
 
   def _writer(self, split: str):
     if split not in self._tb:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb[split] = SummaryWriter(os.path.join(self._tb_dir, split))
+      self._tb[split] = SummaryWriter(os.path.join(self._tb_dir, split),
+                                      purge_step=self._purge_step)
     return self._tb[split]
 
   def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
@@ -77,11 +98,39 @@ def _end_torn_line(path: str) -> None:
         f.write(b'\n')
 
 
+def truncate_after(path: str, step: int,
+                   keep: Callable[[dict[str, Any]], bool] | None = None) -> int:
+  """Rewrites the JSON-lines file `path` without rows whose step is > `step`.
+
+  Rows for which `keep(row)` is true stay regardless (e.g. other runs' rows); torn
+  lines are dropped. The file is replaced atomically. Returns the rows dropped.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if (keep is not None and keep(row)) or int(row.get('step', 0)) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+      else:
+        dropped += 1
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  return dropped
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All complete rows of `<workdir>/metrics.jsonl` in file order.
 
   A line that is not valid JSON (torn by a process killed while writing it) is
-  skipped; a resumed run rewrites the steps after its checkpoint anyway.
+  skipped. A resumed run drops the rows after its checkpoint before re-running
+  those steps, so there is one row per (step, split).
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):

@@ -332,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       source.train.set_state(data_state)
       logging.info('Resumed from step %d (%s).', latest, ckpt.directory)
     start = int(jax.device_get(state['step']))
+    writer.resume(start)  # One metrics row per step: drop rows after `start`.
     summary['start_step'] = start
     logging.info('Training %s (%d params) on %s, mesh %s, steps %d -> %d.',
                  config.model.kind, summary['num_params'], config.data.name,

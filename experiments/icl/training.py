@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import checkpointing
+from experiments import metrics as metrics_lib
 from experiments.icl import data
 from experiments.icl import model
 
@@ -371,6 +372,10 @@ def train(spec: RunSpec, workdir: str | None, *, checkpoint_every: int = 0,
     if found is not None:
       state = found[1]
       resumed_from = int(state['step'])
+    # One metrics row per step: drop this run's rows after the restored step.
+    metrics_lib.truncate_after(os.path.join(workdir, 'metrics.jsonl'),
+                               resumed_from,
+                               keep=lambda row: row.get('run') != spec.name)
   mesh = make_mesh(spec, max_devices)
   state = shard_state(state, mesh)
   chunk = make_chunk_fn(spec, mesh)

@@ -176,6 +176,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     assert 'step 20' in lines[0] and moved in lines[0], lines[0]
     assert 'falling back to step 10' in lines[0]
     assert os.path.isdir(moved), kind
+    # One metrics row per step: the rows after the restored step were dropped.
+    from experiments import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    steps = [r['step'] for r in metrics_lib.read_metrics(workdir)
+             if r['run'] == 't']
+    assert steps == [10, 20, 30], (kind, steps)
   # None usable: one error naming every step; nothing moved.
   workdir = str(tmp_path / 'none')
   shutil.copytree(base, workdir)

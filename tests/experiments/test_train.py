@@ -469,3 +469,40 @@ def test_binary_reports_a_corrupt_checkpoint_in_one_line(two_checkpoints,
   assert out.count('no usable checkpoint') == 1, out[-3000:]
   for noise in ('Traceback', 'Event loop is closed', 'never retrieved'):
     assert noise not in out, out[-3000:]
+
+
+def test_resume_keeps_one_metrics_row_per_step(two_checkpoints, tmp_path):
+  import collections  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(two_checkpoints, workdir)
+  # As if killed after logging steps 3-4 but before checkpoint 4 was written.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  before = metrics_lib.read_metrics(workdir)
+  assert sorted(r['step'] for r in before if r['split'] == 'train') == [
+      1, 2, 3, 4]
+  config = _config(lm, 'tiny', {**CORRUPT, 'train.tensorboard': True})
+  summary = train_lib.train_and_evaluate(config, workdir)
+  assert summary['start_step'] == 2
+  rows = metrics_lib.read_metrics(workdir)
+  counts = collections.Counter((r['step'], r['split']) for r in rows)
+  assert all(n == 1 for n in counts.values()), counts
+  assert sorted(s for s, split in counts if split == 'train') == [1, 2, 3, 4]
+  # Rows before the checkpoint are the original ones, in order.
+  assert rows[:2] == [r for r in before if r['step'] <= 2]
+
+
+def test_metrics_writer_truncate_after(tmp_path):
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+  for step in (1, 2, 3):
+    writer.write(step, 'train', {'loss': float(step)})
+  writer.write(3, 'eval', {'loss': 0.5})
+  writer.close()
+  with open(tmp_path / metrics_lib.METRICS_FILE, 'a') as f:
+    f.write('{"step": 4, "spl')  # torn
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False,
+                                     resume_step=2)
+  writer.write(3, 'train', {'loss': 9.0})
+  writer.close()
+  assert [(r['step'], r['loss']) for r in metrics_lib.read_metrics(
+      str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 9.0)]
