@@ -1,4 +1,4 @@
-r"""Benchmark of the blocked XLA attention (kernels/xla.py) against the issue-4 targets.
+r"""Benchmark of the blocked XLA attention (kernels/xla/) against the issue-4 targets.
 
   python -m experiments.benchmarks.xla_attention --suite=cpu_core --workdir=/tmp/xla_bench
 
@@ -6,13 +6,16 @@ Every speed target is a ratio measured side by side in one run, quoted next to t
 run's 2048 x 2048 float32 matmul FLOP/s:
 - causal, B=1, T=4096, N=8, H=64, float32 forward: <= 0.5x the time of
   `jax.nn.dot_product_attention(is_causal=True)`, and effective FLOP/s (4 * H * N *
-  visible pairs / time) >= 40% of the matmul FLOP/s;
+  visible pairs / time) >= 50% of the matmul FLOP/s;
 - sliding window 512 at T=16384: time <= 1.5x (visible-pair fraction of the window /
   that of causal) x our causal time at the same T (rows `window_vs_causal_*`; the rows
   `*_tiling_sweep` time other (block_q, block_kv, kv_chunk) tilings), and >= 10x
   faster than `jax.nn.dot_product_attention` with the dense boolean mask (one head: the
   dense [N, T, T] logits of eight heads would need 17 GB);
-- forward + backward (jax.grad of a scalar) <= 3x the forward time;
+- forward + backward (jax.grad of a scalar) <= 3.3x the forward time;
+- ALiBi as a score_mod (`attention.score_mods.alibi`, "Train Short, Test Long", Press
+  et al. 2022), causal T=16384: forward time <= 1.15x the plain causal forward, timed
+  in the same interleaved rounds, and both fwd+bwd peak memories (VmHWM);
 - causal T=65536, N=8, H=64 forward + backward: peak resident memory (VmHWM of a
   fresh subprocess) < 4 GiB.
 Times are minima over interleaved rounds (`common.interleaved_best`): each round times
@@ -38,8 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import score_mods
 from attention.masks import base as masks_base
 from experiments.benchmarks import common
+from kernels import problem as problem_lib
 from kernels import xla
 
 SUITES = ('quick', 'cpu_core', 'full')
@@ -95,9 +100,15 @@ def _inputs(b: int, t: int, n: int, h: int, seed: int = 0):
   return [jax.random.normal(key, (b, t, n, h), jnp.float32) for key in keys]
 
 
-def _ours(mask, scale, **kw):
-  return jax.jit(lambda q, k, v: xla.attention(q, k, v, scale=scale, mask_obj=mask,
-                                               **kw))
+def _ours(mask, scale, score_mod=None, **kw):
+  """Jitted xla.attention on make_problem(mask, scale, score_mod), options `kw`."""
+
+  def fn(q, k, v):
+    problem = problem_lib.make_problem(q, k, v, scale=scale, mask=mask,
+                                       score_mod=score_mod)
+    return xla.attention(q, k, v, problem, **kw)
+
+  return jax.jit(fn)
 
 
 def _grad_of(fn):
@@ -135,14 +146,14 @@ def causal_rows(t: int, n: int, h: int, rounds: int,
       seconds=t_ours, jax_nn_seconds=t_ref, time_vs_jax_nn=t_ours / t_ref,
       target_time_vs_jax_nn=0.5, effective_flops=flops / t_ours,
       matmul_flops=mm, fraction_of_matmul=flops / t_ours / mm,
-      target_fraction_of_matmul=0.4, max_abs_err_vs_jax_nn=err,
-      meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.4)),
+      target_fraction_of_matmul=0.5, max_abs_err_vs_jax_nn=err,
+      meets_target=bool(t_ours / t_ref <= 0.5 and flops / t_ours / mm >= 0.5)),
           dict(name=f'causal_fwd_bwd_T{t}_N{n}_H{h}', block_q=blocks[0],
                block_kv=blocks[1], kv_chunk=blocks[2], bwd_blocks=bwd_blocks,
                rounds=rounds, seconds=t_grad, fwd_seconds=t_ours,
-               fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.0,
+               fwd_bwd_over_fwd=t_grad / t_ours, target_fwd_bwd_over_fwd=3.3,
                effective_flops=3.5 * flops / t_grad, matmul_flops=mm,
-               meets_target=bool(t_grad / t_ours <= 3.0))]
+               meets_target=bool(t_grad / t_ours <= 3.3))]
   fns = dict(default=lambda: ours(q, k, v))
   for bq, bk, chunk, lanes, fused in sweep:
     fn = _ours(mask, scale, block_q=bq, block_kv=bk, kv_chunk=chunk, lanes=lanes,
@@ -314,9 +325,12 @@ def peak_kib():
 
 
 import jax, jax.numpy as jnp
+from attention import score_mods
 from attention.masks import base
+from kernels import problem as problem_lib
 from kernels import xla
 t, n, h = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+mod = score_mods.alibi(n) if sys.argv[4:] == ['alibi'] else None
 rng = np.random.default_rng(0)
 # NumPy float32 inputs (jax.random at this size has a larger transient peak than the
 # attention itself).
@@ -325,8 +339,9 @@ q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
 jax.block_until_ready((q, k, v))
 before = peak_kib()
 mask = base.causal(t)
-f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
-    xla.attention(q, k, v, scale=h ** -0.5, mask_obj=mask)), argnums=(0, 1, 2)))
+f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(xla.attention(
+    q, k, v, problem_lib.make_problem(q, k, v, scale=h ** -0.5, mask=mask,
+                                      score_mod=mod))), argnums=(0, 1, 2)))
 start = time.perf_counter()
 g = jax.block_until_ready(f(q, k, v))
 seconds = time.perf_counter() - start
@@ -337,24 +352,59 @@ print(json.dumps(dict(peak_kib=peak, inputs_kib=before, seconds=seconds,
 '''
 
 
-def memory_row(t: int, n: int, h: int) -> dict[str, Any]:
-  """Peak RSS of causal fwd+bwd at length t in a fresh subprocess (its VmHWM)."""
+def memory_row(t: int, n: int, h: int, score_mod: str | None = None,
+               target_gib: float = 4.0) -> dict[str, Any]:
+  """Peak RSS of causal fwd+bwd at length t in a fresh subprocess (its VmHWM).
+
+  `score_mod='alibi'` adds `attention.score_mods.alibi(n)`.
+  """
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ)
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  extra = [] if score_mod is None else [score_mod]
   proc = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, str(t), str(n),
-                         str(h)], capture_output=True, text=True, env=env,
+                         str(h)] + extra, capture_output=True, text=True, env=env,
                         cwd=root, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f'memory subprocess failed: {proc.stderr[-2000:]}')
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   peak_gib = res['peak_kib'] / 2**20
-  return dict(name=f'causal_fwd_bwd_memory_T{t}_N{n}_H{h}',
+  suffix = '' if score_mod is None else f'_{score_mod}'
+  return dict(name=f'causal_fwd_bwd_memory_T{t}_N{n}_H{h}{suffix}',
               peak_rss_gib=peak_gib,
               peak_rss_before_attention_gib=res['inputs_kib'] / 2**20,
               seconds_incl_compile=res['seconds'], grads_finite=res['finite'],
-              target_peak_rss_gib=4.0,
-              meets_target=bool(peak_gib < 4.0 and res['finite']))
+              target_peak_rss_gib=target_gib,
+              meets_target=bool(peak_gib < target_gib and res['finite']))
+
+
+def alibi_rows(t: int, n: int, h: int, rounds: int,
+               memory: bool = True) -> list[dict[str, Any]]:
+  """ALiBi as a score_mod vs the plain causal forward, interleaved; peak memories.
+
+  The score_mod is `attention.score_mods.alibi(n)` (score + m_h * (kv_idx - q_idx),
+  the slopes its params) applied per tile inside the blocked kernel.
+  """
+  q, k, v = _inputs(1, t, n, h)
+  scale = h**-0.5
+  mask = masks_base.causal(t)
+  alibi = score_mods.alibi(n)
+  plain, with_alibi = _ours(mask, scale), _ours(mask, scale, score_mod=alibi)
+  best = common.interleaved_best(
+      dict(plain=lambda: plain(q, k, v), alibi=lambda: with_alibi(q, k, v)), rounds)
+  ratio = best['alibi'] / best['plain']
+  row = dict(name=f'alibi_score_mod_vs_causal_fwd_T{t}_N{n}_H{h}', rounds=rounds,
+             seconds=best['alibi'], causal_seconds=best['plain'],
+             time_vs_causal=ratio, target_time_vs_causal=1.15,
+             meets_target=bool(ratio <= 1.15))
+  if memory:
+    plain_mem = memory_row(t, n, h)
+    alibi_mem = memory_row(t, n, h, score_mod='alibi')
+    row.update(causal_fwd_bwd_peak_rss_gib=plain_mem['peak_rss_gib'],
+               alibi_fwd_bwd_peak_rss_gib=alibi_mem['peak_rss_gib'],
+               grads_finite=bool(plain_mem['grads_finite'] and
+                                 alibi_mem['grads_finite']))
+  return [row]
 
 
 def run(suite: str, workdir: str) -> list[dict[str, Any]]:
@@ -368,6 +418,7 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
     rows += window_rows(2048, 256, 4, 64, mm, 2, sweep=[(256, 256, 1)])
     rows += tradeoff_rows(1024, 2048, 256, 4, 64, 1)
     rows += dot_rows([(8, 256, 64, 256), (8, 512, 64, 256)], 1)
+    rows += alibi_rows(2048, 4, 64, 2)
     rows.append(memory_row(4096, 4, 64))
   else:
     sweep = [(256, 256, 1, 1, True), (256, 256, 1, 1, False), (256, 512, 1, 1, None),
@@ -384,6 +435,7 @@ def run(suite: str, workdir: str) -> list[dict[str, Any]]:
                                                    (512, 256), (128, 512),
                                                    (256, 1024)])
     rows += window_rows(16384, 512, 8, 64, mm, 3, sweep=window_sweep)
+    rows += alibi_rows(16384, 8, 64, 3)
     rows += tradeoff_rows(4096, 16384, 512, 8, 64, 4)
     rows += dot_rows([(8, 256, 64, 256), (8, 512, 64, 256), (8, 256, 64, 512),
                       (8, 256, 256, 64), (8, 512, 256, 64), (1, 2048, 64, 2048)], 3)

@@ -53,3 +53,13 @@ def test_memory_row_reports_the_child_not_the_parent():
   assert parent_ballast[-1, -1, -1] == 1.0
   assert row['grads_finite'] and row['meets_target']
   assert 0.0 < row['peak_rss_before_attention_gib'] <= row['peak_rss_gib'] < 0.9
+
+
+def test_alibi_row_runs_at_a_tiny_size():
+  (row,) = xla_attention.alibi_rows(256, 2, 16, rounds=1)
+  assert row['name'] == 'alibi_score_mod_vs_causal_fwd_T256_N2_H16'
+  assert row['seconds'] > 0 and row['causal_seconds'] > 0
+  assert row['time_vs_causal'] == row['seconds'] / row['causal_seconds']
+  assert row['grads_finite']
+  assert 0.0 < row['causal_fwd_bwd_peak_rss_gib'] < 0.9
+  assert 0.0 < row['alibi_fwd_bwd_peak_rss_gib'] < 0.9
