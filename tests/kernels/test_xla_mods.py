@@ -261,3 +261,16 @@ def test_dropout_matches_reference_for_every_tiling(impl_kwargs):
     assert np.abs(np.asarray(got[0]) - np.asarray(plain)).max() > 1e-2
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(plain_lse),
                                atol=1e-12)
+
+
+@pytest.mark.parametrize('path', ['fused', 'online', 'chunked'])
+def test_nan_inputs_propagate_with_inf_bias(path):
+  rng = np.random.default_rng(6)
+  q, k, v = (_rand(rng, 1, 16, 2, 8, dtype=np.float32) for _ in range(3))
+  q = q.at[0, 3, 1].set(jnp.nan)
+  bias = jnp.zeros((1, 1, 1, 16)).at[0, 0, 0, 8:].set(-jnp.inf)
+  out = xla.attention(q, k, v, problem_lib.make_problem(q, k, v, bias=bias),
+                      **_PATHS[path])
+  assert np.isnan(np.asarray(out)[0, 3, 1]).all()
+  assert np.isfinite(np.asarray(out)[0, 3, 0]).all()
+  assert np.isfinite(np.delete(np.asarray(out), 3, axis=1)).all()
