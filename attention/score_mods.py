@@ -40,6 +40,7 @@ __all__ = [
     't5_relative_position_bucket',
 ]
 
+_UNROLL_ENTRIES = 16  # larger tables: one-hot contraction (see `_lookup`).
 _INIT_STD = 0.02  # truncated-normal init of learnable tables (Swin's trunc_normal_).
 
 
@@ -98,12 +99,22 @@ def _select_head(values: jax.Array, h: Any) -> jax.Array:
 def _lookup(rows: jax.Array, index: jax.Array) -> jax.Array:
   """rows[..., index] for rows [..., E] and an int index in [0, E), broadcast.
 
-  A sum over the entries of where(index == e, rows[..., e], 0): no gather, and the
-  gradient w.r.t. each entry is the sum of the cotangents of the positions using it.
+  No gather: for small tables (E <= `_UNROLL_ENTRIES`) a sum over the entries of
+  where(index == e, rows[..., e], 0); for larger ones a one-hot contraction
+  sum_e where(index[..., None] == iota, rows, 0) over a trailing axis of E (an
+  unrolled sum over hundreds of entries compiles slowly, ~20 s for Swin's 165-entry
+  table under a gradient). The gradient w.r.t. each entry is the sum of the
+  cotangents of the positions that read it.
   """
-  out = None
+  index = jnp.asarray(index)
   zero = jnp.zeros((), rows.dtype)
-  for e in range(rows.shape[-1]):
+  size = rows.shape[-1]
+  if size > _UNROLL_ENTRIES:
+    shape = jnp.broadcast_shapes(index.shape, rows.shape[:-1])
+    iota = jax.lax.broadcasted_iota(jnp.int32, shape + (size,), len(shape))
+    return jnp.sum(jnp.where(index[..., None] == iota, rows, zero), axis=-1)
+  out = None
+  for e in range(size):
     term = jnp.where(index == e, rows[..., e], zero)
     out = term if out is None else out + term
   return out
