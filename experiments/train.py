@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from experiments import checkpointing
 from experiments import common_flags
 from experiments import train_lib
+from experiments.configs import common
 from launch import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,6 +44,11 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
   distributed.initialize()  # no-op unless launched as several processes
+  try:
+    train_lib.validate_config(_CONFIG.value)
+  except ValueError as e:  # One line, no traceback: the config is wrong.
+    sys.stderr.write(f'FATAL config error: {e}\n')
+    sys.exit(2)
   logging.info('Config:\n%s', _CONFIG.value)
   checkpointing.install_quiet_event_loop_hook()
   try:
@@ -53,5 +59,18 @@ def main(argv):
   logging.info('Done: %s', summary)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, after checking the --config.<field> names.
+
+  An unknown field is one line naming it and the closest valid names, and exit
+  status 2; ml_collections would raise a bare AttributeError inside flag parsing.
+  """
+  message = common.check_override_flags(argv)
+  if message:
+    sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -60,10 +60,64 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
 
 
+# Up-front size bounds (checked before anything is built or compiled). Attention
+# over T tokens costs O(T^2) per head: at T = 16384 one head's float32 logits are
+# 1 GiB, and mask checks and the reference implementation materialise them, so
+# longer sequences are rejected rather than discovered after minutes of compiling.
+MAX_SEQ_LEN = 16384
+# implementation='reference' materialises float64 [B, N, T, S] logits per layer:
+# bound microbatch * num_heads * T^2 * 8 bytes.
+MAX_REFERENCE_LOGITS_BYTES = 4 << 30
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     info: data_lib.base.DataInfo | None = None) -> None:
-  """Checks values a locked ConfigDict cannot (names, ranges, divisibility)."""
+  """Checks values a locked ConfigDict cannot (names, ranges, divisibility, sizes).
+
+  Every message names the full field path (e.g. `data.batch_size`). Sizes: the
+  attention length (`data.seq_len`, or the patch count of a ViT) must be at most
+  `MAX_SEQ_LEN`, and with implementation='reference' the logits of one layer at
+  most `MAX_REFERENCE_LOGITS_BYTES`.
+  """
   m, d, t = config.model, config.data, config.train
+  for key in ('dim', 'depth', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+              'patch_size'):
+    _positive_int(f'model.{key}', m[key])
+  for key in ('seq_len', 'batch_size', 'num_eval_batches'):
+    _positive_int(f'data.{key}', d[key])
+  if m.num_heads % m.num_kv_heads:
+    raise ValueError(
+        f'model.num_heads ({m.num_heads}) must be a multiple of '
+        f'model.num_kv_heads ({m.num_kv_heads}).')
+  if not 0.0 <= m.dropout_rate < 1.0:
+    raise ValueError(
+        f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}.')
+  length = d.seq_len
+  if m.kind == 'vit' and d.name == 'bars':
+    size = d.bars.image_size
+    if size % m.patch_size:
+      raise ValueError(
+          f'data.bars.image_size ({size}) must be a multiple of model.patch_size '
+          f'({m.patch_size}).')
+    length = (size // m.patch_size) ** 2
+  if length > MAX_SEQ_LEN:
+    what = ('data.seq_len' if m.kind == 'lm' else
+            'the ViT patch count (data.bars.image_size / model.patch_size)^2')
+    raise ValueError(
+        f'{what} ({length}) exceeds MAX_SEQ_LEN = {MAX_SEQ_LEN} of '
+        f'experiments.train_lib (O(T^2) attention: one head\'s float32 logits at '
+        f'T={length} are {4 * length * length / 2**30:.1f} GiB).')
+  if m.attention.implementation == 'reference' and isinstance(
+      t.grad_accum_steps, int) and t.grad_accum_steps >= 1:
+    micro = max(d.batch_size // t.grad_accum_steps, 1)
+    logits = micro * m.num_heads * length * length * 8
+    if logits > MAX_REFERENCE_LOGITS_BYTES:
+      raise ValueError(
+          f"model.attention.implementation='reference' materialises "
+          f'{logits / 2**30:.1f} GiB of float64 logits per layer (microbatch '
+          f'{micro} x model.num_heads {m.num_heads} x data.seq_len^2 {length}^2); '
+          f'the bound is {MAX_REFERENCE_LOGITS_BYTES / 2**30:.0f} GiB. Use a '
+          f'smaller data.batch_size or more train.grad_accum_steps.')
   if m.kind not in ('lm', 'vit'):
     raise ValueError(f'model.kind must be "lm" or "vit", got {m.kind!r}.')
   if d.name not in data_lib.DATASETS:

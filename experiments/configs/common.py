@@ -7,7 +7,10 @@ returned locked (`lock_config=True`).
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import importlib.util
+import os
+from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -88,3 +91,60 @@ def preset_config(kind: str, presets: dict[str, Any],
   c.preset = preset
   c.lock()
   return c
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """None if `path` ('data.batch_size') names a field of `config`, else a message.
+
+  The message names the first unknown component and the closest valid names at that
+  level (difflib), or all of them when none is close.
+  """
+  node: Any = config
+  parts = path.split('.')
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (f'config field {".".join(parts[:i])!r} is a value, not a group; '
+              f'it has no field {part!r}.')
+    keys = sorted(node.keys())
+    if part not in keys:
+      where = '.'.join(parts[:i]) or 'the config'
+      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+      hint = (f'closest valid names: {", ".join(close)}' if close else
+              f'valid names in {where}: {", ".join(keys)}')
+      return f'unknown config field {".".join(parts[:i + 1])!r}; {hint}.'
+    node = node[part]
+  return None
+
+
+def check_override_flags(argv: Sequence[str], flag: str = 'config') -> str | None:
+  """Checks the `--<flag>.<path>=value` overrides of `argv` against the config.
+
+  The config is loaded from the `--<flag>=file.py:preset` argument (a module with
+  `get_config(preset)`). Returns the first unknown-field message (see
+  `unknown_field`), or None when all fields exist or the config cannot be loaded
+  here (then the normal flag parser reports the problem).
+  """
+  spec, overrides = None, []
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    if arg.startswith(f'--{flag}='):
+      spec = arg.split('=', 1)[1]
+    elif arg.startswith(f'--{flag}.'):
+      overrides.append((arg, arg[len(flag) + 3:].split('=', 1)[0]))
+  if spec is None or not overrides:
+    return None
+  path, _, preset = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location(
+        '_attnlab_config_check', os.path.abspath(path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # Reported by the config flag itself.
+  for arg, field in overrides:
+    message = unknown_field(config, field)
+    if message:
+      return f'{message} (from {arg})'
+  return None
