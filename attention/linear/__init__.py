@@ -1,0 +1,31 @@
+"""The linear-attention family: naive (oracle), recurrent (decoding) and chunked forms.
+
+As flash-linear-attention organises it: per variant a naive quadratic form, a
+`lax.scan` recurrence and a chunked parallel form that agree, all [B, T, N, H], with
+initial state in / final state out and segment ids that reset the state exactly.
+
+* `linear_attention`: feature maps (elu+1, relu, identity, exp, callable),
+  normalised or not, causal or not (Katharopoulos et al. 2020).
+* `lightning`: per-head decay exp(-s_h) with ALiBi slopes (TransNormerLLM,
+  Lightning Attention-2).
+* `retention`: RetNet's fixed per-head decay, no normalisation.
+* `gla`: gated linear attention, data-dependent decay per head or per key dimension.
+"""
+
+from attention.linear.gla import chunked_gated_linear_attention
+from attention.linear.gla import gla_log_gates
+from attention.linear.gla import naive_gated_linear_attention
+from attention.linear.gla import recurrent_gated_linear_attention
+from attention.linear.lightning import alibi_slopes
+from attention.linear.lightning import chunked_lightning_attention
+from attention.linear.lightning import lightning_slopes
+from attention.linear.lightning import naive_lightning_attention
+from attention.linear.lightning import recurrent_lightning_attention
+from attention.linear.linear_attention import FEATURE_MAPS
+from attention.linear.linear_attention import chunked_linear_attention
+from attention.linear.linear_attention import naive_linear_attention
+from attention.linear.linear_attention import recurrent_linear_attention
+from attention.linear.retention import chunked_retention
+from attention.linear.retention import naive_retention
+from attention.linear.retention import recurrent_retention
+from attention.linear.retention import retention_gammas
