@@ -16,6 +16,7 @@ Flags left unset take the preset's value (experiments/configs/icl_regression.py)
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
@@ -123,6 +124,18 @@ def main(argv):
                     'timing_s': {k: v for k, v in summary['timing'].items()
                                  if k != 'runs'},
                     'summary': f'{_WORKDIR.value}/summary.json'}, indent=1))
+  print(closing_list(_WORKDIR.value, summary))
+
+
+def closing_list(workdir: str, summary: dict) -> str:
+  """'Wrote:' and one line per output of the study, by full path."""
+  workdir = os.path.abspath(workdir)
+  lines = ['Wrote:',
+           f'  {os.path.join(workdir, "summary.json")}  (numbers and verdicts)']
+  lines += [f'  {os.path.join(workdir, name)}' for name in summary['figures']]
+  lines.append(f'  {os.path.join(workdir, "metrics.jsonl")}  (loss per chunk)')
+  lines.append(f'  {os.path.join(workdir, "checkpoints")}/  (resumable state)')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,8 @@ from experiments.icl import model
 
 
 def _save(fig, path: str) -> str:
-  fig.tight_layout()
+  if not fig.get_constrained_layout():
+    fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
@@ -41,20 +42,25 @@ def kq_heatmaps(params: dict[str, np.ndarray], heads: Sequence[int], d: int,
   """Finding 1: KQ_h / sqrt(D) (full D x D; x-block is the top-left d x d)."""
   hmax = max(heads)
   fig, axes = plt.subplots(len(heads), hmax, squeeze=False,
-                           figsize=(1.7 * hmax + 0.8, 1.7 * len(heads) + 0.4))
+                           figsize=(1.7 * hmax + 1.6, 1.7 * len(heads) + 0.6),
+                           layout='constrained')
   kq = np.asarray(model.kq_matrices(params)) / math.sqrt(params['Q'].shape[-1])
   for r, (h, sl) in enumerate(zip(heads, model.head_slices(heads))):
     vmax = float(np.max(np.abs(kq[sl])))
+    im = None
     for c in range(hmax):
       ax = axes[r, c]
       if c >= h:
         ax.axis('off')
         continue
       m = kq[sl.start + c]
-      _heatmap(ax, m, f'H={h} head {c + 1}\nomega={np.mean(np.diag(m)[:d]):+.3f}',
-               vmax)
+      im = _heatmap(
+          ax, m, f'H={h} head {c + 1}\nomega={np.mean(np.diag(m)[:d]):+.3f}',
+          vmax)
       ax.add_patch(plt.Rectangle((-0.5, -0.5), d, d, fill=False, lw=0.8,
                                  ec='k'))
+    # One colour scale per head count (shared by its heads).
+    fig.colorbar(im, ax=axes[r].tolist(), shrink=0.8, pad=0.01)
   fig.suptitle('KQ_h / sqrt(D) (box: x-block); red +, blue -', fontsize=9)
   return _save(fig, path)
 
@@ -76,7 +82,7 @@ def ov_bars(params: dict[str, np.ndarray], heads: Sequence[int], path: str) -> s
     ax.set_xticklabels([f'x{j + 1}' for j in range(dd - 1)] + ['y'], fontsize=7)
     ax.set_title(f'H={h}: OV_h entries, sum mu={np.sum(ov[sl, -1]):+.3f}',
                  fontsize=8)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.0, 1.0))
   return _save(fig, path)
 
 
@@ -87,7 +93,7 @@ def trajectories(history: dict[str, np.ndarray], heads: Sequence[int], d: int,
   s = analysis.head_structure(history, d)  # arrays [R+1, N]
   steps = np.arange(s['omega'].shape[0]) * log_every
   fig, axes = plt.subplots(len(heads), 3, squeeze=False,
-                           figsize=(11, 2.3 * len(heads)))
+                           figsize=(12, 2.3 * len(heads)), layout='constrained')
   for r, (h, sl) in enumerate(zip(heads, model.head_slices(heads))):
     for c in range(h):
       axes[r, 0].plot(steps, s['omega'][:, sl.start + c], label=f'head {c + 1}')
@@ -95,12 +101,16 @@ def trajectories(history: dict[str, np.ndarray], heads: Sequence[int], d: int,
       axes[r, 2].semilogy(steps, s['offdiag_ratio'][:, sl.start + c],
                           label=f'head {c + 1}')
     axes[r, 1].plot(steps, np.sum(s['mu'][:, sl], -1), 'k--', label='sum mu')
-    axes[r, 0].set_ylabel(f'H={h}')
-    for ax, t in zip(axes[r], ('omega_h (effective)', 'mu_h = OV_h[-1]',
-                               'KQ off-diag / diag')):
-      ax.set_title(t, fontsize=8)
+    for ax, t, ylab in zip(
+        axes[r], ('omega_h (effective)', 'mu_h = OV_h[-1]', 'KQ off-diag / diag'),
+        (f'H={h}: omega_h', 'mu_h', 'off-diag / diag')):
+      ax.set_title(f'H={h}: {t}', fontsize=8)
+      ax.set_ylabel(ylab, fontsize=8)
       ax.axhline(0, color='k', lw=0.4)
-      ax.legend(fontsize=6)
+    # One legend per row (heads share colours across columns), outside the axes.
+    handles, labels = axes[r, 1].get_legend_handles_labels()
+    axes[r, 2].legend(handles, labels, fontsize=6, loc='upper left',
+                      bbox_to_anchor=(1.02, 1.0))
   for ax in axes[-1]:
     ax.set_xlabel('step')
   return _save(fig, path)
@@ -172,13 +182,15 @@ def noniso_plot(result: dict[str, Any], path: str) -> str:
   ps = row['per_seed'][0]
   gamma = np.asarray(ps['gamma'])
   sinv = np.asarray(result['sigma_inv'])
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-  _heatmap(axes[0], gamma / np.max(np.abs(gamma)),
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout='constrained')
+  im = _heatmap(axes[0], gamma / np.max(np.abs(gamma)),
            f'learned Gamma (H={row["heads"]}), normalized\n'
            f'cos(Gamma, Sigma^-1)={ps["cos_gamma_sigma_inv"]:.3f}\n'
            f'cos(Gamma, I)={ps["cos_gamma_identity"]:.3f}')
   _heatmap(axes[1], sinv / np.max(np.abs(sinv)),
-           f'Sigma^-1 (rho={result["rho"]}), normalized')
+           f'Sigma^-1 (rho={result["rho"]}), normalized', 1.0)
+  fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8, pad=0.01,
+               label='entry / max |entry|')
   names = list(ps['errors'])
   axes[2].barh(np.arange(len(names)), [ps['errors'][n] for n in names])
   axes[2].set_yticks(np.arange(len(names)))
@@ -192,7 +204,8 @@ def multitask_plot(result: dict[str, Any], path: str) -> str:
   models = result['models']
   hmax = max(r['heads'] for r in models)
   fig, axes = plt.subplots(2 * len(models), hmax, squeeze=False,
-                           figsize=(2.0 * hmax, 2.0 * 2 * len(models)))
+                           figsize=(2.0 * hmax + 1.0, 2.0 * 2 * len(models)),
+                           layout='constrained')
   for r, row in enumerate(models):
     ps = row['per_seed'][0]
     mu = np.asarray(ps['mu'])
@@ -209,7 +222,9 @@ def multitask_plot(result: dict[str, Any], path: str) -> str:
       a1.set_ylim(-vk * 1.1, vk * 1.1)
       a1.set_xticks(np.arange(1, kd.shape[1] + 1))
       a1.set_title(f'H={row["heads"]} head {c + 1}: KQ x-diag', fontsize=7)
-      _heatmap(a2, mu[c], f'OV y-block, serves {ps["serves_tasks"][c]}', vm)
+      a1.set_ylabel('KQ_ii', fontsize=7)
+      im = _heatmap(a2, mu[c], f'OV y-block, serves {ps["serves_tasks"][c]}', vm)
+    fig.colorbar(im, ax=axes[2 * r + 1].tolist(), shrink=0.8, pad=0.01)
   fig.suptitle(f'multi-task windows {result["windows"]}', fontsize=9)
   return _save(fig, path)
 

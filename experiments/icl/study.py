@@ -111,10 +111,10 @@ def _verdicts(rows: list[dict[str, Any]], pair: dict[str, float] | None,
                          ZERO_SUM_MAX),
         'num_active_heads_per_seed': np.sum(active, -1).tolist(),
         'num_dummy_heads_per_seed': np.sum(~active, -1).tolist(),
+        # Finding 3: heads beyond a pair go dummy (slowly: see the docs); the key
+        # is present for every head count (expected false for H = 2).
+        'has_dummy_heads': bool(np.all(np.sum(~active, -1) >= 1)),
     }
-    if r['heads'] > 2:  # Finding 3: extra heads go dummy (slowly: see the docs).
-      v['per_heads'][str(r['heads'])]['has_dummy_heads'] = bool(
-          np.all(np.sum(~active, -1) >= 1))
   if pair is not None:
     v['h2_pairing_opposite_signs'] = bool(pair['opposite_omega'] and
                                           pair['opposite_mu'])

@@ -276,37 +276,61 @@ def shard_state(state: dict[str, Any], mesh: jax.sharding.Mesh
   return out
 
 
+def model_labels(spec: RunSpec) -> list[str]:
+  """Labels of the models in loss order: 'H=1', ..., then 'linear H=1', ..."""
+  return ([f'H={h}' for h in spec.heads] +
+          [f'linear H={h}' for h in spec.linear_heads])
+
+
 class Progress:
-  """A console progress line (steps/s, ETA) and JSON-lines metrics."""
+  """A console progress line and JSON-lines metrics.
+
+  The line labels each model's seed-mean loss ('H=1 0.41 | H=2 0.38 | ...') and
+  shows steps/s and the ETA only once a rate is measurable: the first chunk
+  includes compilation, so it says so instead of a rate.
+  """
 
   def __init__(self, spec: RunSpec, metrics_path: str | None,
                min_interval: float = 2.0, stream=None):
     self.spec, self.metrics_path = spec, metrics_path
     self.min_interval = min_interval
     self.stream = stream or sys.stderr
+    self.labels = model_labels(spec)
     self.t0 = self.last = time.perf_counter()
     self.step0: int | None = None
 
-  def update(self, step: int, loss: np.ndarray, final: bool = False) -> float:
+  def mark_compiled(self, step: int) -> None:
+    """The rate is measured from here (`step`: the step after the first chunk)."""
+    self.step0, self.t0 = step, time.perf_counter()
+
+  def line(self, step: int, loss: np.ndarray, rate: float | None) -> str:
+    frac = step / self.spec.steps
+    bar = '#' * int(20 * frac) + '.' * (20 - int(20 * frac))
+    mean = np.mean(np.asarray(loss), 0)
+    losses = ' | '.join(f'{lab} {v:.4g}' for lab, v in zip(self.labels, mean))
+    if rate is None:
+      speed = 'first chunk (incl. compilation)'
+    else:
+      speed = (f'{rate:,.0f} steps/s ETA '
+               f'{(self.spec.steps - step) / max(rate, 1e-9):.0f}s')
+    return (f'[{self.spec.name}] {step}/{self.spec.steps} [{bar}] loss '
+            f'{losses} | {speed}')
+
+  def update(self, step: int, loss: np.ndarray, final: bool = False
+             ) -> float | None:
     now = time.perf_counter()
-    if self.step0 is None:
-      self.step0, self.t0 = step - self.spec.log_every, self.t0
-    rate = (step - self.step0) / max(now - self.t0, 1e-9)
-    eta = (f'{(self.spec.steps - step) / rate:.0f}s' if rate > 0 else
-           '? (first chunk, incl. compilation)')
+    rate = None
+    if self.step0 is not None and step > self.step0:
+      rate = (step - self.step0) / max(now - self.t0, 1e-9)
     if self.metrics_path:
       with open(self.metrics_path, 'a') as f:
         f.write(json.dumps({'run': self.spec.name, 'step': step,
                             'loss_per_model': np.mean(loss, 0).tolist(),
+                            'models': self.labels,
                             'steps_per_s': rate}) + '\n')
-    if final or now - self.last >= self.min_interval:
+    if final or self.step0 == step or now - self.last >= self.min_interval:
       self.last = now
-      frac = step / self.spec.steps
-      bar = '#' * int(20 * frac) + '.' * (20 - int(20 * frac))
-      self.stream.write(
-          f'[{self.spec.name}] [{bar}] {step}/{self.spec.steps} '
-          f'loss {np.array2string(np.mean(loss, 0), precision=4)} '
-          f'{rate:.0f} steps/s ETA {eta}\n')
+      self.stream.write(self.line(step, loss, rate) + '\n')
       self.stream.flush()
     return rate
 
@@ -383,6 +407,9 @@ def train(spec: RunSpec, workdir: str | None, *, checkpoint_every: int = 0,
                       os.path.join(workdir, 'metrics.jsonl'),
                       stream=None if verbose else open(os.devnull, 'w'))
   step = int(state['step'])
+  if resumed_from and verbose:
+    progress.stream.write(f'[{spec.name}] resumed from step {resumed_from} '
+                          f'({ckpt_dir})\n')
   compile_s, timed_steps, timed_s = 0.0, 0, 0.0
   first = True
   while step < spec.steps and (stop_after_step is None or step < stop_after_step):
@@ -392,8 +419,7 @@ def train(spec: RunSpec, workdir: str | None, *, checkpoint_every: int = 0,
     dt = time.perf_counter() - t0
     if first:
       compile_s, first = dt, False
-      progress.t0 = time.perf_counter()
-      progress.step0 = step
+      progress.mark_compiled(step)
     else:
       timed_steps += spec.log_every
       timed_s += dt

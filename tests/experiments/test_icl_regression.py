@@ -139,3 +139,25 @@ def test_entry_point_unusable_checkpoints_exit_with_one_message(tmp_path):
   assert out.stderr.count('no usable checkpoint') == 1, out.stderr[-3000:]
   for noise in ('Traceback', 'Event loop is closed', 'never retrieved'):
     assert noise not in out.stderr, out.stderr[-3000:]
+
+
+def test_summary_keys_uniform_and_closing_list(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
+          '--eval_lengths=10,40', '--noniso=false', '--multitask=false',
+          '--heads=1,2,3', '--steps=40', '--interrupt_after_steps=20']
+  _run_main(argv)
+  capsys.readouterr()
+  _run_main(argv[:-1])
+  out = capsys.readouterr()
+  text = out.out + out.err
+  assert 'resumed from step 20' in text, text
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  per_heads = summary['verdicts']['per_heads']
+  assert set(per_heads) == {'2', '3'}
+  assert len({tuple(sorted(v)) for v in per_heads.values()}) == 1, per_heads
+  # The closing list names every file written, by full path.
+  assert 'Wrote:' in out.out
+  for name in summary['figures'] + ['summary.json', 'metrics.jsonl']:
+    assert os.path.join(workdir, name) in out.out, (name, out.out)

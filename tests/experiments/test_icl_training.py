@@ -190,3 +190,21 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
                      match=r'no usable checkpoint .*step 20: .*step 10: '):
     training.train(spec, workdir, verbose=False)
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_corrupt'))
+
+
+def test_progress_line_labels_models_and_shows_rate_only_once_measured():
+  import io  # pylint: disable=g-import-not-at-top
+  spec = _spec(heads=(1, 2), linear_heads=(1,), steps=30, log_every=10)
+  out = io.StringIO()
+  progress = training.Progress(spec, None, min_interval=0.0, stream=out)
+  loss = np.array([[0.41, 0.38, 0.52], [0.43, 0.36, 0.50]])  # [seeds, models]
+  progress.mark_compiled(10)
+  progress.update(10, loss)
+  first = out.getvalue().splitlines()[-1]
+  assert 'H=1 0.42 | H=2 0.37 | linear H=1 0.51' in first, first
+  assert 'steps/s' not in first and 'ETA' not in first, first
+  assert 'compil' in first, first
+  progress.update(20, loss)
+  second = out.getvalue().splitlines()[-1]
+  assert 'steps/s' in second and 'ETA' in second and '?' not in second, second
+  assert second.startswith('[t] 20/30'), second
