@@ -10,6 +10,7 @@ initial state in / final state out and segment ids that reset the state exactly.
   Lightning Attention-2).
 * `retention`: RetNet's fixed per-head decay, no normalisation.
 * `gla`: gated linear attention, data-dependent decay per head or per key dimension.
+* `layers`: Flax NNX token mixers owning the projections (and GLA's gate).
 """
 
 from attention.linear.gla import chunked_gated_linear_attention
@@ -29,3 +30,9 @@ from attention.linear.retention import chunked_retention
 from attention.linear.retention import naive_retention
 from attention.linear.retention import recurrent_retention
 from attention.linear.retention import retention_gammas
+
+# Flax NNX layers (imported last: they use the functional forms above).
+from attention.linear.layers import GatedLinearAttention  # pylint: disable=g-bad-import-order
+from attention.linear.layers import LightningAttention
+from attention.linear.layers import LinearAttention
+from attention.linear.layers import Retention
