@@ -117,7 +117,8 @@ def trajectories(history: dict[str, np.ndarray], heads: Sequence[int], d: int,
 
 
 def pairing_plot(history: dict[str, np.ndarray], final: dict[str, np.ndarray],
-                 heads: Sequence[int], d: int, log_every: int, path: str) -> str:
+                 heads: Sequence[int], d: int, log_every: int, path: str,
+                 suptitle: str | None = None) -> str:
   """Finding 4: H = 2 pairing over training; per-head |omega mu| shares for H > 2."""
   from experiments.icl import analysis  # pylint: disable=g-import-not-at-top
   s = analysis.head_structure(history, d)
@@ -145,6 +146,8 @@ def pairing_plot(history: dict[str, np.ndarray], final: dict[str, np.ndarray],
     ax.bar(np.arange(1, h + 1), share)
     ax.set_title(f'H={h}: |omega_h mu_h| share (dummy ~ 0)', fontsize=8)
     ax.set_xlabel('head')
+  if suptitle:  # e.g. the seed shown and the counts over all seeds
+    fig.suptitle(suptitle, fontsize=8)
   return _save(fig, path)
 
 

@@ -89,6 +89,63 @@ def build_specs(config) -> dict[str, training.RunSpec]:
   return specs
 
 
+def _onset(flags: np.ndarray, log_every: int) -> list[int | None]:
+  """Per seed: the first step from which `flags` [R+1, S] hold to the end."""
+  out = []
+  for f in np.asarray(flags, bool).T:  # [R+1] per seed
+    if not f[-1]:
+      out.append(None)
+      continue
+    off = np.nonzero(~f)[0]
+    out.append(int((off[-1] + 1 if off.size else 0) * log_every))
+  return out
+
+
+def seed_study(omega: np.ndarray, mu: np.ndarray, heads: tuple[int, ...],
+               log_every: int, seeds: tuple[int, ...],
+               active_fraction: float = 0.1) -> dict[str, Any]:
+  """Over seeds: how many models pair and grow dummy heads, and from which step.
+
+  Args:
+    omega, mu: per-head trajectories [R+1, S, N] (record r is step r * log_every).
+    heads: head counts of the models (N = sum(heads)).
+    log_every: steps per record.
+    seeds: the S seeds.
+    active_fraction: a head is active when |omega_h mu_h| >= this fraction of the
+      model's largest (as `analysis.model_summary`).
+
+  A model 'pairs' when two active heads have opposite signs in both omega and mu
+  (finding 4; for H = 2 the two heads); it 'has dummy heads' when a head is not
+  active (finding 3). '*_from_step' is the step from which the property holds to
+  the end of training (None: not at the end). Same keys for every head count.
+  """
+  from experiments.icl import model  # pylint: disable=g-import-not-at-top
+  omega, mu = np.asarray(omega, float), np.asarray(mu, float)
+  out = {'seeds': [int(s) for s in seeds], 'per_heads': {}}
+  for h, sl in zip(heads, model.head_slices(heads)):
+    if h < 2:
+      continue
+    o, m = omega[..., sl], mu[..., sl]  # [R+1, S, h]
+    step = np.abs(o * m)
+    active = step >= active_fraction * np.max(step, -1, keepdims=True)
+    pair = ((o[..., :, None] * o[..., None, :] < 0) &
+            (m[..., :, None] * m[..., None, :] < 0) &
+            active[..., :, None] & active[..., None, :])
+    paired = np.any(pair, (-2, -1))  # [R+1, S]
+    dummy = np.any(~active, -1)  # [R+1, S]
+    p_from, d_from = _onset(paired, log_every), _onset(dummy, log_every)
+    out['per_heads'][str(h)] = {
+        'num_seeds': len(seeds),
+        'num_seeds_paired': int(np.sum(paired[-1])),
+        'paired_seeds': [int(s) for s, f in zip(seeds, paired[-1]) if f],
+        'paired_from_step': p_from,
+        'num_seeds_with_dummy_heads': int(np.sum(dummy[-1])),
+        'dummy_heads_seeds': [int(s) for s, f in zip(seeds, dummy[-1]) if f],
+        'dummy_heads_from_step': d_from,
+    }
+  return out
+
+
 def _seed0(tree):
   return jax.tree.map(lambda a: np.asarray(a)[0], tree)
 
@@ -173,13 +230,25 @@ def run(config, workdir: str, *, stop_after_step: int | None = None,
   hist0 = _seed0(jax.tree.map(lambda h: np.swapaxes(h, 0, 1),
                               st['history']['softmax']))
   final0 = _seed0(st['params']['softmax'])
+  traj = analysis.head_structure(st['history']['softmax'], d)  # [R+1, S, N]
+  seeds = seed_study(traj['omega'], traj['mu'], main.heads, main.log_every,
+                     main.seeds)
+  seeds['figures_show_seed'] = int(main.seeds[0])
+  seeds['note'] = (
+      'Pairing and dummy heads depend on the seed (e.g. seeds 0 and 3 of the '
+      'H = 2 model stay on the same-sign plateau at the quick settings); the '
+      'figures show one seed, these counts are over all trained seeds.')
+  seed_line = f'seed {main.seeds[0]} shown (one of {len(main.seeds)} trained); ' + (
+      ', '.join(f'H={h}: {v["num_seeds_paired"]}/{v["num_seeds"]} paired, '
+                f'{v["num_seeds_with_dummy_heads"]}/{v["num_seeds"]} with dummy '
+                f'heads' for h, v in seeds['per_heads'].items()))
   figures = [
       plots.kq_heatmaps(final0, main.heads, d, paths['fig1_kq_heatmaps']),
       plots.trajectories(hist0, main.heads, d, main.log_every,
                          paths['fig1_2_trajectories']),
       plots.ov_bars(final0, main.heads, paths['fig2_ov_vectors']),
       plots.pairing_plot(hist0, final0, main.heads, d, main.log_every,
-                         paths['fig3_pairing_dummy']),
+                         paths['fig3_pairing_dummy'], suptitle=seed_line),
       plots.error_vs_length_plot(errors, paths['fig4_error_vs_length']),
   ]
   summary = {
@@ -206,6 +275,7 @@ def run(config, workdir: str, *, stop_after_step: int | None = None,
     summary['multitask'] = res
     figures.append(plots.multitask_plot(res, paths['fig6_multitask']))
   summary['verdicts'] = _verdicts(rows, pair, errors)
+  summary['seeds'] = seeds
   summary['timing'] = {
       'train_s': t_train, 'analysis_s': time.perf_counter() - t0 - t_train,
       'runs': timings}

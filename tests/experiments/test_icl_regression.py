@@ -8,6 +8,7 @@ import sys
 from absl import app
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
 
 from experiments import icl_regression
@@ -145,7 +146,8 @@ def test_summary_keys_uniform_and_closing_list(tmp_path, capsys):
   workdir = str(tmp_path / 'w')
   argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
           '--eval_lengths=10,40', '--noniso=false', '--multitask=false',
-          '--heads=1,2,3', '--steps=40', '--interrupt_after_steps=20']
+          '--heads=1,2,3', '--steps=40', '--seeds=0,1',
+          '--interrupt_after_steps=20']
   _run_main(argv)
   capsys.readouterr()
   _run_main(argv[:-1])
@@ -157,7 +159,38 @@ def test_summary_keys_uniform_and_closing_list(tmp_path, capsys):
   per_heads = summary['verdicts']['per_heads']
   assert set(per_heads) == {'2', '3'}
   assert len({tuple(sorted(v)) for v in per_heads.values()}) == 1, per_heads
+  # Seed-dependent findings are counted over the trained seeds.
+  seeds = summary['seeds']
+  assert seeds['seeds'] == [0, 1] and seeds['figures_show_seed'] == 0
+  assert set(seeds['per_heads']) == {'2', '3'}
+  for v in seeds['per_heads'].values():
+    assert v['num_seeds'] == 2 and len(v['paired_from_step']) == 2
   # The closing list names every file written, by full path.
   assert 'Wrote:' in out.out
   for name in summary['figures'] + ['summary.json', 'metrics.jsonl']:
     assert os.path.join(workdir, name) in out.out, (name, out.out)
+
+
+def test_seed_study_counts_pairing_and_dummy_heads_over_seeds():
+  # Synthetic histories [R+1, S, N] of (omega, mu) for heads (2, 3), 3 seeds, 4
+  # records at log_every=10: seed 0 pairs from step 20, seed 1 never (same sign),
+  # seed 2 from step 10; the H=3 model of seed 2 gets a dummy head from step 30.
+  omega = np.zeros((4, 3, 5))
+  mu = np.zeros((4, 3, 5))
+  omega[:, :, :2] = [0.3, 0.2]
+  mu[:, :, :2] = [1.0, 0.8]
+  omega[2:, 0, 1], mu[2:, 0, 1] = -0.3, -1.0
+  omega[1:, 2, 1], mu[1:, 2, 1] = -0.3, -1.0
+  omega[:, :, 2:] = [0.3, -0.3, 0.2]
+  mu[:, :, 2:] = [1.0, -1.0, 0.5]
+  omega[3:, 2, 4], mu[3:, 2, 4] = 1e-3, 1e-3
+  res = study.seed_study(omega, mu, heads=(2, 3), log_every=10,
+                         seeds=(4, 5, 6))
+  assert res['seeds'] == [4, 5, 6]
+  h2, h3 = res['per_heads']['2'], res['per_heads']['3']
+  assert set(h2) == set(h3)  # Uniform keys for every head count.
+  assert h2['num_seeds_paired'] == 2 and h2['paired_seeds'] == [4, 6]
+  assert h2['paired_from_step'] == [20, None, 10]
+  assert h3['num_seeds_with_dummy_heads'] == 1
+  assert h3['dummy_heads_from_step'] == [None, None, 30]
+  assert h2['num_seeds_with_dummy_heads'] == 0
