@@ -111,7 +111,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   sink = (jnp.full((), -jnp.inf, cdt) if sinks is None else
           sinks.astype(cdt)[None, :, None])  # [1, N, 1]
   probs, denom = _softmax(logits, row_max, sink)  # [B, N, T, S], [B, N, T]
-  safe = jnp.where(denom > 0, denom, 1.0)
+  safe = jnp.where(denom == 0, 1.0, denom)  # NaN stays NaN
   if problem.has_dropout:
     probs = probs * problem_lib.dropout_multiplier(
         problem.dropout_seed, problem.dropout_rate, *grids, cdt)
@@ -123,5 +123,5 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   out = out.reshape(b, t, n, hv).astype(query.dtype)
   if not problem.return_residuals:
     return out
-  lse = jnp.where(denom > 0, row_max + jnp.log(safe), -jnp.inf)
+  lse = jnp.where(denom == 0, -jnp.inf, row_max + jnp.log(safe))
   return out, lse

@@ -558,9 +558,9 @@ def _forward(cfg: _Config, q, k, v, bias, sinks, mask, q_seg, kv_seg, mod=None,
       m, (o, l) = _scan_steps(lists, x, body, (m0, o0))
       if not drop:
         o, l = o[..., :-1], o[..., -1].reshape(m.shape)
-      safe = jnp.where(l > 0, l, 1.0)
+      safe = jnp.where(l == 0, 1.0, l)  # NaN stays NaN
       o = o / _rowwise(safe)
-      lse = jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
+      lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(safe))
       return None, (o, lse)
 
     _, (o, lse) = jax.lax.scan(group_step, None, xs)
