@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.linear import _core
+from attention.linear import _dispatch
 
 
 def gla_log_gates(logits: jax.Array, tau: float = 16.0) -> jax.Array:
@@ -87,3 +88,19 @@ def chunked_gated_linear_attention(
   chunk_size = _core.check_chunk_size(chunk_size)
   x = _prepare(query, key, value, log_gates, scale, initial_state, segment_ids)
   return _core.chunked(x, chunk_size=chunk_size)
+
+
+def gated_linear_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, log_gates: jax.Array, *,
+    scale: float | None = None, initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None, chunk_size: int | None = None,
+    implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """GLA by `implementation` (None | 'xla' | 'pallas_tpu' | 'pallas_gpu'; the Pallas
+  kernel takes per-head gates only); arguments as the naive form."""
+  _dispatch.check_implementation(implementation)
+  x = _prepare(query, key, value, log_gates, scale, initial_state, segment_ids)
+  vector = x.g is not None and x.g.ndim == 4
+  return _dispatch.run(
+      x, causal=True, chunk_size=chunk_size, implementation=implementation,
+      xla_chunk_size=(_core.DEFAULT_VECTOR_CHUNK_SIZE if vector else
+                      _core.DEFAULT_CHUNK_SIZE))

@@ -25,8 +25,8 @@ from flax import nnx
 from attention.linear import _core
 from attention.linear import gla
 from attention.linear import lightning
-from attention.linear import linear_attention
-from attention.linear import retention
+from attention.linear import linear_transformer
+from attention.linear import retnet
 
 MODES = ('chunked', 'recurrent')
 
@@ -85,10 +85,10 @@ class LinearAttention(_Projected):
   """Linear attention (Katharopoulos et al. 2020) with a feature map."""
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *,
-               feature_map: linear_attention.FeatureMap = 'elu+1',
+               feature_map: linear_transformer.FeatureMap = 'elu+1',
                normalize: bool = True, causal: bool = True, rngs: nnx.Rngs):
     super().__init__(dim, num_heads, head_dim, rngs=rngs)
-    linear_attention.feature_map_fn(feature_map)  # Validates the name.
+    linear_transformer.feature_map_fn(feature_map)  # Validates the name.
     self.feature_map, self.normalize, self.causal = feature_map, normalize, causal
 
   def __call__(self, x: jax.Array, *, initial_state: jax.Array | None = None,
@@ -101,10 +101,10 @@ class LinearAttention(_Projected):
               causal=self.causal, initial_state=initial_state,
               segment_ids=segment_ids)
     if mode == 'chunked':
-      o, state = linear_attention.chunked_linear_attention(
+      o, state = linear_transformer.chunked_linear_attention(
           q, k, v, chunk_size=chunk_size, **kw)
     else:
-      o, state = linear_attention.recurrent_linear_attention(q, k, v, **kw)
+      o, state = linear_transformer.recurrent_linear_attention(q, k, v, **kw)
     return self._ret(self._out(o, x.dtype), state, return_state)
 
 
@@ -140,7 +140,7 @@ class Retention(_Projected):
   def __init__(self, dim: int, num_heads: int, head_dim: int, *,
                rngs: nnx.Rngs):
     super().__init__(dim, num_heads, head_dim, rngs=rngs)
-    self.gammas = tuple(float(g) for g in retention.retention_gammas(num_heads))
+    self.gammas = tuple(float(g) for g in retnet.retention_gammas(num_heads))
 
   def __call__(self, x: jax.Array, *, initial_state: jax.Array | None = None,
                segment_ids: jax.Array | None = None, mode: str = 'chunked',
@@ -151,10 +151,10 @@ class Retention(_Projected):
     kw = dict(gammas=jnp.asarray(self.gammas, jnp.float32),
               initial_state=initial_state, segment_ids=segment_ids)
     if mode == 'chunked':
-      o, state = retention.chunked_retention(q, k, v, chunk_size=chunk_size,
+      o, state = retnet.chunked_retention(q, k, v, chunk_size=chunk_size,
                                              **kw)
     else:
-      o, state = retention.recurrent_retention(q, k, v, **kw)
+      o, state = retnet.recurrent_retention(q, k, v, **kw)
     return self._ret(self._out(o, x.dtype), state, return_state)
 
 

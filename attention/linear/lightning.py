@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.linear import _core
+from attention.linear import _dispatch
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -153,3 +154,18 @@ recurrent_lightning_attention.__doc__ = (
 chunked_lightning_attention.__doc__ = (
     'Lightning Attention-2 blocks (training / prefill); `chunk_size` need not '
     'divide T.\n' + _ARGS_DOC)
+
+
+def lightning_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *,
+    slopes: Any = None, scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None, chunk_size: int | None = None,
+    implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Lightning attention by `implementation` (None | 'xla' | 'pallas_tpu' |
+  'pallas_gpu'); arguments as `naive_lightning_attention`."""
+  _dispatch.check_implementation(implementation)
+  x = _prepare(query, key, value, slopes, scale, initial_state, segment_ids)
+  return _dispatch.run(x, causal=True, chunk_size=chunk_size,
+                       implementation=implementation,
+                       xla_chunk_size=_core.DEFAULT_CHUNK_SIZE)

@@ -12,7 +12,8 @@ recurrence carries numerator and denominator).
 
 Three forms that agree (`naive_*`, `recurrent_*`, `chunked_*`), each returning
 (out [B, T, N, V], final_state or None when non-causal); `linear_attention` dispatches
-to an implementation (the chunked XLA form on CPU).
+to an implementation (the chunked XLA form on CPU, the Pallas chunk kernel on TPU /
+GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from attention.linear import _core
+from attention.linear import _dispatch
 
 FeatureMap = str | Callable[[jax.Array], jax.Array]
 
@@ -131,4 +133,25 @@ def chunked_linear_attention(
   x = _prepare(query, key, value, feature_map, normalize, causal, scale,
                initial_state, segment_ids)
   out, state = _core.chunked(x, chunk_size=chunk_size, causal=causal)
+  return _finish(out, state, normalize, eps, query.dtype)
+
+
+def linear_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *,
+    feature_map: FeatureMap = 'elu+1', normalize: bool = True,
+    causal: bool = True, scale: float | None = None, eps: float = 1e-6,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None, chunk_size: int | None = None,
+    implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """Linear attention by `implementation` (None | 'xla' | 'pallas_tpu' | 'pallas_gpu').
+
+  Arguments as `naive_linear_attention`; `chunk_size` defaults to the
+  implementation's (64 for XLA).
+  """
+  _dispatch.check_implementation(implementation)
+  x = _prepare(query, key, value, feature_map, normalize, causal, scale,
+               initial_state, segment_ids)
+  out, state = _dispatch.run(x, causal=causal, chunk_size=chunk_size,
+                             implementation=implementation,
+                             xla_chunk_size=_core.DEFAULT_CHUNK_SIZE)
   return _finish(out, state, normalize, eps, query.dtype)

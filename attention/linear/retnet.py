@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.linear import _core
+from attention.linear import _dispatch
 
 
 def retention_gammas(num_heads: int) -> np.ndarray:
@@ -94,3 +95,19 @@ def chunked_retention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   x = _prepare(query, key, value, gammas, scale, initial_state, segment_ids)
   return _core.chunked(x, chunk_size=chunk_size)
 
+
+
+def retention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+              gammas: Any = None, scale: float | None = None,
+              initial_state: jax.Array | None = None,
+              segment_ids: jax.Array | None = None,
+              chunk_size: int | None = None,
+              implementation: str | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+  """Retention by `implementation` (None | 'xla' | 'pallas_tpu' | 'pallas_gpu');
+  arguments as `naive_retention`."""
+  _dispatch.check_implementation(implementation)
+  x = _prepare(query, key, value, gammas, scale, initial_state, segment_ids)
+  return _dispatch.run(x, causal=True, chunk_size=chunk_size,
+                       implementation=implementation,
+                       xla_chunk_size=_core.DEFAULT_CHUNK_SIZE)
