@@ -151,4 +151,7 @@ def dot_product_attention(
   return fn(query, key, value, problem)
 
 
-make_problem = problem_lib.make_problem
+def make_problem(query: jax.Array, key: jax.Array, value: jax.Array,
+                 **kwargs) -> problem_lib.AttentionProblem:
+  """The validated problem `dot_product_attention` hands its implementation."""
+  return problem_lib.make_problem(query, key, value, **kwargs)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.problem import as_score_mod
-from kernels.problem import ScoreMod
+# A module import (not its names): kernels.problem imports the `attention` package.
+from kernels import problem as problem_lib
 
 __all__ = [
     'alibi',
@@ -34,7 +34,6 @@ __all__ = [
     'distance_bias',
     'relative_bias_2d',
     'relative_logits',
-    'ScoreMod',
     'soft_cap',
     't5_relative_bias',
     't5_relative_position_bucket',
@@ -158,7 +157,7 @@ class _AlibiFn:
     return score + slope * rel
 
 
-def alibi(num_heads: int, *, slopes: Any = None, symmetric: bool = False) -> ScoreMod:
+def alibi(num_heads: int, *, slopes: Any = None, symmetric: bool = False) -> problem_lib.ScoreMod:
   """ALiBi: score + m_h * (kv_idx - q_idx) (Press et al., "Train Short, Test Long").
 
   The paper adds -m_h * (i - j) to the logit of query i and key j <= i (causal use);
@@ -172,7 +171,7 @@ def alibi(num_heads: int, *, slopes: Any = None, symmetric: bool = False) -> Sco
     slopes = jnp.asarray(alibi_slopes(n), jnp.float32)
   else:
     slopes = _check_table('slopes', slopes, (n,))
-  return ScoreMod(fn=_AlibiFn(bool(symmetric)), params=slopes, name='alibi')
+  return problem_lib.ScoreMod(fn=_AlibiFn(bool(symmetric)), params=slopes, name='alibi')
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ class _T5Fn:
 
 def t5_relative_bias(num_heads: int, *, num_buckets: int = 32, max_distance: int = 128,
                      bidirectional: bool = True, table: Any = None,
-                     key: Any = None) -> ScoreMod:
+                     key: Any = None) -> problem_lib.ScoreMod:
   """T5 relative position bias: score + table[bucket(kv_idx - q_idx), h].
 
   "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer"
@@ -244,7 +243,7 @@ def t5_relative_bias(num_heads: int, *, num_buckets: int = 32, max_distance: int
         f'max_distance must exceed the exact buckets ({max_exact} for num_buckets='
         f'{nb}, bidirectional={bool(bidirectional)}), got {md}.')
   table = _init_table('table', table, key, (nb, n))
-  return ScoreMod(fn=_T5Fn(nb, md, bool(bidirectional)), params=table,
+  return problem_lib.ScoreMod(fn=_T5Fn(nb, md, bool(bidirectional)), params=table,
                   name='t5_relative_bias')
 
 
@@ -269,7 +268,7 @@ class _DistanceFn:
 
 
 def relative_logits(num_heads: int, max_distance: int, *, table: Any = None,
-                    key: Any = None) -> ScoreMod:
+                    key: Any = None) -> problem_lib.ScoreMod:
   """Learned relative-position logits per clipped distance and head.
 
   Music Transformer (Huang et al., "Music Transformer", ICLR 2019) adds relative
@@ -283,12 +282,12 @@ def relative_logits(num_heads: int, max_distance: int, *, table: Any = None,
   n = _check_int('num_heads', num_heads, 1)
   md = _check_int('max_distance', max_distance, 1)
   table = _init_table('table', table, key, (2 * md + 1, n))
-  return ScoreMod(fn=_DistanceFn(sign=-1, lo=-md), params=table,
+  return problem_lib.ScoreMod(fn=_DistanceFn(sign=-1, lo=-md), params=table,
                   name='relative_logits')
 
 
 def distance_bias(table: Any, *, per_head: bool | None = None,
-                  min_distance: int = 0) -> ScoreMod:
+                  min_distance: int = 0) -> problem_lib.ScoreMod:
   """score + table[clip(q_idx - kv_idx - min_distance, 0, D - 1)] (per head: [., h]).
 
   A generic learned bias per query-key distance d = q_idx - kv_idx, as in the
@@ -315,7 +314,7 @@ def distance_bias(table: Any, *, per_head: bool | None = None,
   if isinstance(min_distance, (bool, np.bool_)) or not isinstance(
       min_distance, (int, np.integer)):
     raise TypeError(f'min_distance must be an int, got {type(min_distance).__name__}.')
-  return ScoreMod(fn=_DistanceFn(sign=1, lo=int(min_distance)), params=table,
+  return problem_lib.ScoreMod(fn=_DistanceFn(sign=1, lo=int(min_distance)), params=table,
                   name='distance_bias')
 
 
@@ -340,7 +339,7 @@ class _Relative2DFn:
 
 
 def relative_bias_2d(grid_hw: Sequence[int], num_heads: int, *, table: Any = None,
-                     key: Any = None) -> ScoreMod:
+                     key: Any = None) -> problem_lib.ScoreMod:
   """Swin 2D relative position bias: score + table[(dy, dx), h].
 
   "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows" (Liu et
@@ -355,7 +354,7 @@ def relative_bias_2d(grid_hw: Sequence[int], num_heads: int, *, table: Any = Non
   width = _check_int('grid_hw[1]', grid_hw[1], 1)
   n = _check_int('num_heads', num_heads, 1)
   table = _init_table('table', table, key, ((2 * height - 1) * (2 * width - 1), n))
-  return ScoreMod(fn=_Relative2DFn(height, width), params=table,
+  return problem_lib.ScoreMod(fn=_Relative2DFn(height, width), params=table,
                   name='relative_bias_2d')
 
 
@@ -374,7 +373,7 @@ class _SoftCapFn:
     return cap * jnp.tanh(score / cap)
 
 
-def soft_cap(cap: float) -> ScoreMod:
+def soft_cap(cap: float) -> problem_lib.ScoreMod:
   """Logit soft-capping cap * tanh(score / cap) (Gemma 2, Gemma Team 2024).
 
   The same transform as `logits_soft_cap=`, usable at any point of a `compose` chain
@@ -385,7 +384,7 @@ def soft_cap(cap: float) -> ScoreMod:
     raise TypeError(f'cap must be a positive number, got {type(cap).__name__}.')
   if not np.isfinite(cap) or cap <= 0:
     raise ValueError(f'cap must be positive and finite, got {cap}.')
-  return ScoreMod(fn=_SoftCapFn(float(cap)), params=(), name='soft_cap')
+  return problem_lib.ScoreMod(fn=_SoftCapFn(float(cap)), params=(), name='soft_cap')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +397,7 @@ class _ComposeFn:
     return score
 
 
-def compose(*mods: Any) -> ScoreMod:
+def compose(*mods: Any) -> problem_lib.ScoreMod:
   """The score_mod applying `mods` left to right: compose(f, g)(s) = g(f(s), ...).
 
   Each mod is a `ScoreMod` or a plain fn(score, b, h, q_idx, kv_idx) (converted with
@@ -409,10 +408,10 @@ def compose(*mods: Any) -> ScoreMod:
     raise ValueError('mods must hold at least one score_mod, got none.')
   converted = []
   for i, mod in enumerate(mods):
-    if not isinstance(mod, ScoreMod) and not callable(mod):
+    if not isinstance(mod, problem_lib.ScoreMod) and not callable(mod):
       raise TypeError(f'mods[{i}] must be a ScoreMod or a callable, got '
                       f'{type(mod).__name__}.')
-    converted.append(as_score_mod(mod))
-  return ScoreMod(fn=_ComposeFn(tuple(m.fn for m in converted)),
+    converted.append(problem_lib.as_score_mod(mod))
+  return problem_lib.ScoreMod(fn=_ComposeFn(tuple(m.fn for m in converted)),
                   params=tuple(m.params for m in converted),
                   name='+'.join(m.name for m in converted))

@@ -279,3 +279,19 @@ def test_nan_query_propagates():
   out = attention.dot_product_attention(q, k, v, implementation='reference')
   assert np.all(np.isnan(np.asarray(out[0, 1])))
   assert np.all(np.isfinite(np.asarray(out[0, [0, 2, 3]])))
+
+
+@pytest.mark.parametrize('module', ['kernels', 'kernels.problem', 'kernels.reference',
+                                    'attention.score_mods', 'attention.api',
+                                    'kernels.xla'])
+def test_each_module_imports_first(module):
+  """kernels.problem and the attention package import each other: no cycle error."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (f'import {module}; import attention, kernels; '
+          'print(attention.ScoreMod is kernels.ScoreMod, kernels.AttentionProblem)')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=False, env={'JAX_PLATFORMS': 'cpu',
+                                            'PATH': '/usr/bin:/bin'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('True')
