@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 import attention
+from attention import linear as attention_linear
 from attention import masks as attention_masks
 
 AuxLosses = dict[str, jax.Array]
@@ -56,7 +57,43 @@ def softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   return out, {}
 
 
-_VARIANTS: dict[str, VariantFn] = {'softmax': softmax_attention}
+def _linear_family(name: str, fn: Callable[..., Any],
+                   naive: Callable[..., Any], causal_only: bool) -> VariantFn:
+  """A registry variant from an `attention.linear` form (no mask, sinks or soft-cap).
+
+  `implementation` 'reference' runs the naive quadratic form (the family's oracle);
+  None / 'xla' / 'pallas_tpu' / 'pallas_gpu' go to the chunked forms' dispatch.
+  """
+  def variant(query, key, value, *, mask, is_causal, sinks, logits_soft_cap,
+              implementation):
+    for arg, val in (('mask', mask), ('sinks', sinks),
+                     ('logits_soft_cap', logits_soft_cap)):
+      if val is not None:
+        raise ValueError(f'attention variant {name!r} takes no {arg} (causality '
+                         f'comes from is_causal), got {val!r}.')
+    if causal_only and not is_causal:
+      raise ValueError(f'attention variant {name!r} is causal only (decayed '
+                       f'state); got is_causal=False.')
+    kw = {} if causal_only else dict(causal=is_causal)
+    if implementation == 'reference':
+      return naive(query, key, value, **kw)[0], {}
+    return fn(query, key, value, implementation=implementation, **kw)[0], {}
+
+  variant.__doc__ = f'{fn.__doc__.splitlines()[0]} (registry variant {name!r}).'
+  return variant
+
+
+_VARIANTS: dict[str, VariantFn] = {
+    'softmax': softmax_attention,
+    # The linear family (attention.linear); GLA needs its gate projection, so it
+    # is a layer (attention.linear.GatedLinearAttention), not a registry variant.
+    'linear': _linear_family('linear', attention_linear.linear_attention,
+                             attention_linear.naive_linear_attention, False),
+    'lightning': _linear_family('lightning', attention_linear.lightning_attention,
+                                attention_linear.naive_lightning_attention, True),
+    'retention': _linear_family('retention', attention_linear.retention,
+                                attention_linear.naive_retention, True),
+}
 
 
 def register_variant(name: str, fn: VariantFn) -> None:

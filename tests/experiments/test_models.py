@@ -252,8 +252,10 @@ def test_registry_masks_by_name():
 
 
 def test_registry_variants():
-  assert registry.available_variants() == ('softmax',)
-  with pytest.raises(ValueError, match=r"variant must be one of \('softmax',\)"):
+  assert registry.available_variants() == ('lightning', 'linear', 'retention',
+                                           'softmax')
+  with pytest.raises(ValueError, match=r"variant must be one of \('lightning', "
+                     r"'linear', 'retention', 'softmax'\)"):
     registry.get_variant('softmaks')
   with pytest.raises(ValueError, match='variant must be one of'):
     layers.AttentionSpec(variant='nope')
