@@ -383,13 +383,19 @@ def run_conformance(cfg: Config, backend: str, deadline: float) -> list[dict[str
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
-  """A timed problem: our API kwargs, jax.nn's kwargs (None: not expressible)."""
+  """A timed problem: our API kwargs, jax.nn's kwargs (None: not expressible).
+
+  `*_arrays` are the array kwargs, passed to the compiled functions as arguments (a
+  closed-over array would be embedded in the program as a constant).
+  """
   name: str
   heads: int
   kv_heads: int
   ours: dict[str, Any]
   jax_nn: dict[str, Any] | None
   visible_pairs: int
+  ours_arrays: dict[str, Any] = dataclasses.field(default_factory=dict)
+  jax_nn_arrays: dict[str, Any] = dataclasses.field(default_factory=dict)
   dense_mask_bytes: int = 0
 
 
@@ -415,8 +421,9 @@ def structure(name: str, t: int, cfg: Config) -> Structure:
     seg = jnp.asarray(np.tile(np.repeat(np.arange(d), lengths), (b, 1)), jnp.int32)
     dense = seg[:, None, :, None] == seg[:, None, None, :]  # [B, 1, T, T]
     pairs = sum(x * (x + 1) // 2 for x in lengths)
-    return Structure(name, n, n, dict(is_causal=True, segment_ids=seg),
-                     dict(is_causal=True, mask=dense), pairs, b * t * t)
+    return Structure(name, n, n, dict(is_causal=True), dict(is_causal=True), pairs,
+                     ours_arrays=dict(segment_ids=seg),
+                     jax_nn_arrays=dict(mask=dense), dense_mask_bytes=b * t * t)
   raise ValueError(f'structure must be one of {STRUCTURES}, got {name!r}.')
 
 
@@ -443,19 +450,19 @@ def predicted_bytes(contender: str, st: Structure, b: int, t: int, h: int,
   return total
 
 
-def _contender_fn(contender: str, st: Structure):
-  """(q, k, v) -> out for an API implementation name or 'jax.nn/cudnn|xla'."""
+def _contender(contender: str, st: Structure):
+  """((q, k, v, arrays) -> out, arrays) for an API implementation or 'jax.nn/...'."""
   if contender.startswith(JAX_NN):
     impl = contender.split('/', 1)[1]
     kw = dict(st.jax_nn)
-    return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, implementation=impl, **kw)
-  return lambda q, k, v: attention.dot_product_attention(
-      q, k, v, implementation=contender, **st.ours)
+    return (lambda q, k, v, arrays: jax.nn.dot_product_attention(
+        q, k, v, implementation=impl, **kw, **arrays)), st.jax_nn_arrays
+  return (lambda q, k, v, arrays: attention.dot_product_attention(
+      q, k, v, implementation=contender, **st.ours, **arrays)), st.ours_arrays
 
 
 def _fwd_bwd(fn):
-  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  loss = lambda q, k, v, arrays: jnp.sum(fn(q, k, v, arrays).astype(jnp.float32))
   return jax.grad(loss, argnums=(0, 1, 2))
 
 
@@ -554,10 +561,10 @@ def timing_rows(st_name: str, t: int, dtype_name: str, cfg: Config, backend: str
                                   f'{cfg.max_memory_fraction:.0%} of '
                                   f'{limit_bytes / 2**30:.1f} GiB')
           continue
-        fn = _contender_fn(cand, st)
+        fn, arrays = _contender(cand, st)
         try:
-          exe, seconds, mem = _compile(_fwd_bwd(fn) if backward else fn, (q, k, v),
-                                       cfg.fast_compile)
+          exe, seconds, mem = _compile(_fwd_bwd(fn) if backward else fn,
+                                       (q, k, v, arrays), cfg.fast_compile)
         except Exception as e:  # pylint: disable=broad-except
           msg = _short_error(e)
           row[f'{tag}_status'] = ('unsupported: ' if 'does not support' in msg
@@ -571,7 +578,7 @@ def timing_rows(st_name: str, t: int, dtype_name: str, cfg: Config, backend: str
                                   f'{limit_bytes / 2**30:.1f} GiB')
           continue
         row[f'{tag}_status'] = 'ok'
-        fns[f'{name}|{tag}'] = functools.partial(exe, q, k, v)
+        fns[f'{name}|{tag}'] = functools.partial(exe, q, k, v, arrays)
         break
     if notes and name == JAX_NN:
       row['note'] = '; '.join(notes)

@@ -115,7 +115,8 @@ def test_structure_visible_pairs_match_the_dense_mask(name):
   st = hardware.structure(name, t, cfg)
   problem = api.make_problem(jnp.zeros((1, t, st.heads, 8)),
                              jnp.zeros((1, t, st.kv_heads, 8)),
-                             jnp.zeros((1, t, st.kv_heads, 8)), **st.ours)
+                             jnp.zeros((1, t, st.kv_heads, 8)), **st.ours,
+                             **st.ours_arrays)
   visible = reference.combined_mask(
       mask=problem.mask, mask_obj=problem.mask_obj,
       q_segment_ids=problem.q_segment_ids, kv_segment_ids=problem.kv_segment_ids)
@@ -124,8 +125,9 @@ def test_structure_visible_pairs_match_the_dense_mask(name):
   # jax.nn's arguments express the same visibility (a -inf logit where hidden).
   q = jax.random.normal(jax.random.key(0), (1, t, st.heads, 8))
   k = jax.random.normal(jax.random.key(1), (1, t, st.kv_heads, 8))
-  ours = api.dot_product_attention(q, k, k, implementation='reference', **st.ours)
-  theirs = jax.nn.dot_product_attention(q, k, k, **st.jax_nn)
+  ours = api.dot_product_attention(q, k, k, implementation='reference', **st.ours,
+                                   **st.ours_arrays)
+  theirs = jax.nn.dot_product_attention(q, k, k, **st.jax_nn, **st.jax_nn_arrays)
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
