@@ -75,14 +75,19 @@ def check_scale(scale: Any, head_dim: int) -> float:
   return float(scale)
 
 
-def check_grid(grid: Any, length: int, name: str = 'grid') -> tuple[int, ...]:
-  """A tuple of positive ints whose product is the number of tokens `length`."""
+def check_dims(name: str, grid: Any) -> tuple[int, ...]:
+  """A non-empty tuple of positive ints (a grid shape)."""
   if (not isinstance(grid, (tuple, list)) or not grid or
       any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0
           for g in grid)):
     raise ValueError(f'{name} must be a non-empty tuple of positive ints, got '
                      f'{grid!r}.')
-  grid = tuple(int(g) for g in grid)
+  return tuple(int(g) for g in grid)
+
+
+def check_grid(grid: Any, length: int, name: str = 'grid') -> tuple[int, ...]:
+  """A tuple of positive ints whose product is the number of tokens `length`."""
+  grid = check_dims(name, grid)
   if math.prod(grid) != length:
     raise ValueError(f'{name} {grid} must multiply to the number of tokens '
                      f'({length}), got {math.prod(grid)}.')
