@@ -123,7 +123,7 @@ def validate_config(config: ml_collections.ConfigDict,
   if d.name not in data_lib.DATASETS:
     raise ValueError(
         f'data.name must be one of {data_lib.DATASETS}, got {d.name!r}.')
-  registry.get_variant(m.attention.variant)
+  registry.check_name(m.attention.variant)
   name = registry.parse_mask_spec(m.attention.mask)[0]
   if name not in registry.available_masks():
     raise ValueError(

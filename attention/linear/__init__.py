@@ -16,6 +16,12 @@ GPU where it supports the inputs).
 * `retnet`: retention (RetNet), a fixed per-head decay, no normalisation.
 * `gla`: gated linear attention, data-dependent decay per head or per key dimension.
 * `layers`: Flax NNX token mixers owning the projections (and GLA's gate).
+* `inline_attention`: InLine, injective linear attention + local term ("Bridging
+  the Divide", Han et al. 2024).
+* `agent_attention`: agent attention through pooled agent tokens (Han et al. 2024).
+* `flowformer`: flow attention with conservation flows (Wu et al. 2022).
+* `lightnet`: LightNet's additive recurrence, MD-LRPE, MD-TPE (Qin et al. 2024).
+(`attention.focal_modulation` holds FocalNets' attention-free token mixer.)
 """
 
 from attention.linear._dispatch import IMPLEMENTATIONS
@@ -46,3 +52,18 @@ from attention.linear.layers import GatedLinearAttention  # pylint: disable=g-ba
 from attention.linear.layers import LightningAttention
 from attention.linear.layers import LinearAttention
 from attention.linear.layers import Retention
+
+# Vision-style and conservation-flow variants (each module holds its NNX layer;
+# `agent_attention` / `inline_attention` stay module names, their functions inside).
+from attention.linear.agent_attention import AgentAttention  # pylint: disable=g-bad-import-order
+from attention.linear.flowformer import FlowAttention
+from attention.linear.flowformer import flow_attention
+from attention.linear.inline_attention import InLineAttention
+from attention.linear.inline_attention import naive_inline_attention
+from attention.linear.lightnet import MDTPE
+from attention.linear.lightnet import LightNetAttention
+from attention.linear.lightnet import lightnet_attention
+from attention.linear.lightnet import md_lrpe
+from attention.linear.lightnet import md_tpe
+from attention.linear.lightnet import naive_lightnet_attention
+from attention.linear.lightnet import recurrent_lightnet_attention

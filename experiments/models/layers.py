@@ -80,13 +80,15 @@ class AttentionSpec:
   """How a layer attends: registry names and options (see `registry`).
 
   Attributes:
-    variant: a name in `registry.available_variants()`.
+    variant: a name in `registry.available_variants()`, or a token-mixer layer in
+      `registry.available_layers()` (used in place of the attention layer).
     mask: a mask spec string (`registry.make_mask`), e.g. 'causal', 'none'.
     causal: also apply k <= q (decoders); ANDed with `mask`.
     sinks: learnable per-head sink logits (StreamingLLM / gpt-oss).
     logits_soft_cap: tanh soft-cap of the logits (Gemma 2), or None.
     implementation: `attention.dot_product_attention` implementation, None = best.
     rope_base: RoPE base, or None for no rotary embedding.
+    grid: the token grid (e.g. (14, 14)) for grid layers; the ViT fills it in.
   """
   variant: str = 'softmax'
   mask: str = registry.NO_MASK
@@ -95,9 +97,17 @@ class AttentionSpec:
   logits_soft_cap: float | None = None
   implementation: str | None = None
   rope_base: float | None = 10000.0
+  grid: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    registry.get_variant(self.variant)  # Validates the name.
+    registry.check_name(self.variant)  # A variant or a layer.
+    if registry.is_layer(self.variant) and (
+        self.mask != registry.NO_MASK or self.sinks or
+        self.logits_soft_cap is not None):
+      raise ValueError(
+          f'attention layer {self.variant!r} takes no mask, sinks or '
+          f'logits_soft_cap (got mask={self.mask!r}, sinks={self.sinks}, '
+          f'logits_soft_cap={self.logits_soft_cap}).')
     registry.parse_mask_spec(self.mask)
     if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
       raise ValueError(
@@ -151,6 +161,19 @@ class Attention(nnx.Module):
     return y, aux
 
 
+class TokenMixer(nnx.Module):
+  """A registry layer (`registry.make_layer`) in the attention slot: x -> (y, {})."""
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int,
+               spec: AttentionSpec, *, rngs: nnx.Rngs):
+    self.layer = registry.make_layer(spec.variant, dim, num_heads, head_dim,
+                                     grid=spec.grid, causal=spec.causal,
+                                     rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, registry.AuxLosses]:
+    return self.layer(x), {}
+
+
 class SwiGLU(nnx.Module):
   """Gated MLP with SiLU ("GLU Variants Improve Transformer", Shazeer 2020)."""
 
@@ -174,8 +197,11 @@ class Block(nnx.Module):
                head_dim: int, mlp_dim: int, spec: AttentionSpec,
                dropout_rate: float, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(dim)
-    self.attn = Attention(dim, num_heads, num_kv_heads, head_dim, spec,
-                          rngs=rngs)
+    if registry.is_layer(spec.variant):
+      self.attn = TokenMixer(dim, num_heads, head_dim, spec, rngs=rngs)
+    else:
+      self.attn = Attention(dim, num_heads, num_kv_heads, head_dim, spec,
+                            rngs=rngs)
     self.mlp_norm = RMSNorm(dim)
     self.mlp = SwiGLU(dim, mlp_dim, rngs=rngs)
     self.dropout_rate = dropout_rate

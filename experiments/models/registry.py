@@ -11,6 +11,12 @@ A model never imports a specific attention variant or mask: it asks this registr
   terms to the training loss: the models sum them over layers and the trainer adds the
   total to the cross-entropy. `register_variant` adds a new one.
 
+* Token-mixer layers: variants that own parameters beyond q / k / v (InLine's local
+  term, agent biases, FocalNets, LightNet's gate, GLA's gates) are NNX layers built by
+  `make_layer(name, dim, num_heads, head_dim, grid=, causal=, rngs=)`, each
+  x [B, T, D] -> [B, T, D]; a model block uses one in place of its attention when
+  `attention.variant` names a layer (`available_layers()`, `register_layer`).
+
 * Masks: a spec string `'name'` or `'name:arg,arg,key=value'` names a generator in
   `attention.masks` (any public function with a size parameter `shape`, `q_len`,
   `seq_len` or `length`); arguments are Python literals. `'none'` means no mask. The
@@ -30,8 +36,13 @@ import jax
 import numpy as np
 
 import attention
+from attention import focal_modulation
 from attention import linear as attention_linear
 from attention import masks as attention_masks
+from attention.linear import agent_attention
+from attention.linear import flowformer
+from attention.linear import inline_attention
+from attention.linear import lightnet
 
 AuxLosses = dict[str, jax.Array]
 VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
@@ -83,6 +94,42 @@ def _linear_family(name: str, fn: Callable[..., Any],
   return variant
 
 
+def _parameter_free(name: str, fn: Callable[..., Any],
+                    naive: Callable[..., Any] | None) -> VariantFn:
+  """A registry variant from a parameter-free form `fn(q, k, v, causal=)` -> out.
+
+  No mask, sinks or soft-cap; `implementation` None / 'xla' run `fn`, 'reference'
+  the naive quadratic form where there is one.
+  """
+  impls = (None, 'xla') + (('reference',) if naive is not None else ())
+
+  def variant(query, key, value, *, mask, is_causal, sinks, logits_soft_cap,
+              implementation):
+    for arg, val in (('mask', mask), ('sinks', sinks),
+                     ('logits_soft_cap', logits_soft_cap)):
+      if val is not None:
+        raise ValueError(f'attention variant {name!r} takes no {arg} (causality '
+                         f'comes from is_causal), got {val!r}.')
+    if implementation not in impls:
+      raise ValueError(f'attention variant {name!r}: implementation must be one of '
+                       f'{impls}, got {implementation!r}.')
+    form = naive if implementation == 'reference' else fn
+    return form(query, key, value, causal=is_causal), {}
+
+  variant.__doc__ = f'{fn.__doc__.splitlines()[0]} (registry variant {name!r}).'
+  return variant
+
+
+def _lightnet(fn):
+  """LightNet's q activation (SiLU) around a form returning out (or (out, state))."""
+  def form(query, key, value, *, causal):
+    out = fn(jax.nn.silu(query), key, value, causal=causal)
+    return out[0] if isinstance(out, tuple) else out
+  form.__doc__ = ('LightNet attention ("You Only Scan Once", Qin et al. 2024), '
+                  'q = SiLU(q).')
+  return form
+
+
 _VARIANTS: dict[str, VariantFn] = {
     'softmax': softmax_attention,
     # The linear family (attention.linear); GLA needs its gate projection, so it
@@ -93,7 +140,90 @@ _VARIANTS: dict[str, VariantFn] = {
                                 attention_linear.naive_lightning_attention, True),
     'retention': _linear_family('retention', attention_linear.retention,
                                 attention_linear.naive_retention, True),
+    # Parameter-free linear-time variants (the global InLine term, no local conv).
+    'inline': _parameter_free('inline', inline_attention.inline_attention,
+                              inline_attention.naive_inline_attention),
+    'flow': _parameter_free('flow', flowformer.flow_attention, None),
+    'lightnet': _parameter_free(
+        'lightnet', _lightnet(lightnet.lightnet_attention),
+        _lightnet(lightnet.naive_lightnet_attention)),
 }
+
+LayerFactory = Callable[..., Any]
+
+
+def _non_causal(name: str, build: Callable[..., Any]) -> LayerFactory:
+  def factory(dim, num_heads, head_dim, *, grid, causal, rngs):
+    if causal:
+      raise ValueError(f'attention layer {name!r} is non-causal (it mixes the whole '
+                       f'token grid); got causal=True.')
+    if grid is None:
+      raise ValueError(f'attention layer {name!r} needs the token grid '
+                       f'(attention.grid, e.g. (14, 14); the ViT sets it).')
+    return build(dim, num_heads, head_dim, grid=tuple(grid), rngs=rngs)
+  return factory
+
+
+def _gla(dim, num_heads, head_dim, *, grid, causal, rngs):
+  del grid
+  if not causal:
+    raise ValueError("attention layer 'gla' is causal only; got causal=False.")
+  return attention_linear.GatedLinearAttention(dim, num_heads, head_dim,
+                                               rngs=rngs)
+
+
+_LAYERS: dict[str, LayerFactory] = {
+    'inline_local': _non_causal(
+        'inline_local', lambda d, n, h, *, grid, rngs:
+        inline_attention.InLineAttention(d, n, h, grid=grid, rngs=rngs)),
+    'agent': _non_causal(
+        'agent', lambda d, n, h, *, grid, rngs: agent_attention.AgentAttention(
+            d, n, h, grid=grid, agent_grid=tuple(min(7, g) for g in grid),
+            rngs=rngs)),
+    'focal_modulation': _non_causal(
+        'focal_modulation', lambda d, n, h, *, grid, rngs:
+        focal_modulation.FocalModulation(d, grid=grid, rngs=rngs)),
+    'lightnet_layer': lambda d, n, h, *, grid, causal, rngs: (
+        lightnet.LightNetAttention(d, n, h, causal=causal, grid=grid,
+                                   rngs=rngs)),
+    'gla': _gla,
+}
+
+
+def register_layer(name: str, factory: LayerFactory) -> None:
+  """Makes `factory(dim, num_heads, head_dim, *, grid, causal, rngs)` -> an NNX layer
+  x [B, T, D] -> [B, T, D] selectable as `attention.variant=name`."""
+  if not isinstance(name, str) or not name or ':' in name:
+    raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
+  if not callable(factory):
+    raise TypeError(f'factory must be callable, got {type(factory).__name__}.')
+  _LAYERS[name] = factory
+
+
+def available_layers() -> tuple[str, ...]:
+  return tuple(sorted(_LAYERS))
+
+
+def is_layer(name: str) -> bool:
+  return name in _LAYERS
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError unless `name` is a registry variant or a layer."""
+  if name not in _VARIANTS and name not in _LAYERS:
+    raise ValueError(
+        f'attention variant must be one of {available_variants()} or a layer in '
+        f'{available_layers()}, got {name!r}.')
+
+
+def make_layer(name: str, dim: int, num_heads: int, head_dim: int, *,
+               grid: tuple[int, ...] | None, causal: bool, rngs: Any) -> Any:
+  """The token-mixer layer registered as `name`."""
+  if name not in _LAYERS:
+    raise ValueError(f'attention layer must be one of {available_layers()}, got '
+                     f'{name!r}.')
+  return _LAYERS[name](dim, num_heads, head_dim, grid=grid, causal=causal,
+                       rngs=rngs)
 
 
 def register_variant(name: str, fn: VariantFn) -> None:

@@ -9,6 +9,8 @@ Attention variant and mask come from an `AttentionSpec` (bidirectional by defaul
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,6 +55,9 @@ class ViT(nnx.Module):
     self.pos_embed = nnx.Param(
         0.02 * jax.random.normal(rngs.params(), (num_patches, dim)),
         logical_axes=('seq', 'embed'))
+    if attention.grid is None:  # Grid layers (agent, focal, ...) see the patches.
+      side = image_size // patch_size
+      attention = dataclasses.replace(attention, grid=(side, side))
     self.encoder = layers.Encoder(depth, dim, num_heads, num_kv_heads,
                                   head_dim, mlp_dim, attention, dropout_rate,
                                   rngs=rngs)

@@ -252,10 +252,12 @@ def test_registry_masks_by_name():
 
 
 def test_registry_variants():
-  assert registry.available_variants() == ('lightning', 'linear', 'retention',
+  assert registry.available_variants() == ('flow', 'inline', 'lightnet',
+                                           'lightning', 'linear', 'retention',
                                            'softmax')
-  with pytest.raises(ValueError, match=r"variant must be one of \('lightning', "
-                     r"'linear', 'retention', 'softmax'\)"):
+  with pytest.raises(ValueError, match=r"variant must be one of \('flow', "
+                     r"'inline', 'lightnet', 'lightning', 'linear', 'retention', "
+                     r"'softmax'\)"):
     registry.get_variant('softmaks')
   with pytest.raises(ValueError, match='variant must be one of'):
     layers.AttentionSpec(variant='nope')
