@@ -29,6 +29,7 @@ Einsum letters: b batch, t / s query / key position, c chunk, n head, k key feat
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from attention import _checks
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32  # Fastest scan-layout chunk on XLA:CPU (H = 64; see kernels/README.md).
 DEFAULT_VECTOR_CHUNK_SIZE = 16
 
 
@@ -52,6 +53,20 @@ class Inputs(NamedTuple):
   initial_state: jax.Array | None  # [B, N, K, V]
   runs: jax.Array | None  # [B, T] int32 run index (0 for the first segment)
   out_dtype: Any
+  # A log-decay that is the same at every step, [N] (lightning attention, retention):
+  # `g` is its broadcast; the chunked form builds its [C, C] decay once from it.
+  head_g: jax.Array | None = None
+  # q before scaling and `scale` (the chunked form scales inside its loop, so no
+  # scaled copy of q is materialised; under jit the unused `q` is dead code).
+  q_unscaled: jax.Array | None = None
+  scale: Any = None
+  # Linear attention: the arrays before the feature map, head repetition and ones
+  # column, and the map (the chunked form applies them per block, so no mapped copy
+  # is materialised), and the denominator's eps (the chunked form then returns the
+  # normalised [.., V] output; None: unnormalised).
+  raw: tuple[jax.Array, jax.Array, jax.Array] | None = None
+  feature_map: Any = None
+  normalize_eps: float | None = None
 
 
 def is_concrete(x: Any) -> bool:
@@ -86,7 +101,7 @@ def runs_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 def validate(query, key, value, *, log_decay=None, log_decay_name='log_decay',
              initial_state=None, segment_ids=None, scale=None, causal=True,
-             state_value_dim=None) -> Inputs:
+             state_value_dim=None, head_log_decay=None) -> Inputs:
   """Checks shapes, repeats k / v to the query heads (GQA), scales q.
 
   Args:
@@ -98,6 +113,8 @@ def validate(query, key, value, *, log_decay=None, log_decay_name='log_decay',
     scale: multiplies q . k (default K ** -0.5).
     causal: False forbids an initial state and decays.
     state_value_dim: the value width of the state (V + 1 for normalised forms).
+    head_log_decay: None or [N], the constant per-step log-decay `log_decay` is the
+      broadcast of (kept for the chunked form's once-per-head decay matrix).
   """
   for name, x in (('query', query), ('key', key), ('value', value)):
     _checks.check_array(name, x, ndim=4, floating=True)
@@ -122,9 +139,11 @@ def validate(query, key, value, *, log_decay=None, log_decay_name='log_decay',
   elif is_concrete(scale):
     _checks.check_positive('scale', scale, allow_none=False)
   dtype = compute_dtype(query, key, value, log_decay, initial_state)
-  q = query.astype(dtype) * jnp.asarray(scale, dtype)
-  k = jnp.repeat(key.astype(dtype), n // kh, axis=2)
-  v = jnp.repeat(value.astype(dtype), n // kh, axis=2)
+  q_unscaled = query.astype(dtype)
+  q = q_unscaled * jnp.asarray(scale, dtype)
+  k, v = key.astype(dtype), value.astype(dtype)
+  if n != kh:
+    k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
   g = None
   if log_decay is not None:
     if not causal:
@@ -157,7 +176,10 @@ def validate(query, key, value, *, log_decay=None, log_decay_name='log_decay',
       raise ValueError(f'segment_ids must have shape {(b, t)} [B, T], got '
                        f'{tuple(segment_ids.shape)}.')
     runs = runs_from_segments(segment_ids)
-  return Inputs(q, k, v, g, s0, runs, query.dtype)
+  head_g = None
+  if head_log_decay is not None and g is not None:
+    head_g = jnp.asarray(head_log_decay).astype(dtype)
+  return Inputs(q, k, v, g, s0, runs, query.dtype, head_g, q_unscaled, scale)
 
 
 def zero_state(x: Inputs) -> jax.Array:
@@ -370,16 +392,245 @@ def _chunked_causal(x: Inputs, chunk_size: int
   return out, final
 
 
+# ----------------------------------------------------------------------------
+# Chunked form, scan layout (no segments; no decay, a per-head or a per-step
+# scalar decay). XLA:CPU runs these small dots on one core near its peak, but only
+# when nothing around them touches fresh memory: the loop slices [B, L, N, *] blocks
+# straight out of the inputs (no transposed or scaled copies; a fresh buffer costs a
+# page fault per 4 KiB), flattens (batch, head, chunk) into one batch dim for every
+# einsum (several batch dims run several times slower) and keeps every [C, C]
+# intermediate of one block in cache. The backward is a reverse scan over the same
+# blocks (custom_vjp) that recomputes each block from the state entering it, the only
+# residual besides the inputs ([T / L, B, N, K, V]).
+
+SCAN_CHUNKS_PER_STEP = 128  # tokens per scan step = chunk * max(1, this // chunk)
+
+
+class _Cfg(NamedTuple):
+  """Static configuration of one scan (hashable: a custom_vjp nondiff argument)."""
+  c: int  # chunk
+  nchunks: int  # chunks per step
+  steps: int
+  kind: str  # 'none' | 'head' | 'step'
+  scale: float | None  # None: a traced scale in consts
+  feature_map: Any = None  # applied to raw q / k blocks (then cast to `dtype`)
+  dtype: Any = None
+  repeat: int = 1  # query heads per key head (raw k / v blocks)
+  ones: bool = False  # append a ones column to the value (normalised forms)
+  eps: float | None = None  # normalise the output in the step
+
+
+def normalise(out: jax.Array, eps: float) -> jax.Array:
+  """[.., V + 1] numerator | denominator -> [.., V], in at least float32."""
+  out32 = out.astype(jnp.promote_types(out.dtype, jnp.float32))
+  return (out32[..., :-1] / (out32[..., -1:] + eps)).astype(out.dtype)
+
+
+def _block_weights(cfg: _Cfg, consts, g_blk, dtype):
+  """Decays of one block: D [.., C, C] (with the scale), wq [.., C, 1] (with the
+  scale), wk [.., 1, C] and per-chunk state decay cd, each broadcasting against
+  [B, N, G, ...]; None where a factor is 1."""
+  c = cfg.c
+  scale = consts['scale'] if cfg.scale is None else cfg.scale
+  pos = jnp.arange(c)
+  tril = pos[:, None] >= pos[None, :]
+  if cfg.kind == 'none':
+    return jnp.where(tril, scale, 0.0).astype(dtype), scale, None, None
+  if cfg.kind == 'head':
+    d, wq, wk, cd = consts['d'], consts['wq'], consts['wk'], consts['cd']
+    return (d[None, :, None] * scale, wq[None, :, None, :, None] * scale,
+            wk[None, :, None, None, :], cd[None, :, None])
+  b, l, n = g_blk.shape
+  gc = jnp.moveaxis(g_blk.reshape(b, cfg.nchunks, c, n), 3, 1)  # [B, N, G, C]
+  big = jnp.cumsum(gc, axis=-1)  # within-chunk cumulative log-decay, <= 0
+  diff = jnp.where(tril, big[..., :, None] - big[..., None, :], -jnp.inf)
+  d = jnp.exp(diff) * scale  # [B, N, G, C, C]
+  wq = jnp.exp(big)[..., None] * scale  # [B, N, G, C, 1]
+  wk = jnp.exp(big[..., -1:] - big)[..., None, :]  # [B, N, G, 1, C]
+  return d, wq, wk, jnp.exp(big[..., -1])  # cd [B, N, G]
+
+
+def _scan_step(cfg: _Cfg, consts, state, blk):
+  """One block of L = G * C tokens: (state entering it, [B, L, N, *] inputs) ->
+  (state leaving it, out [B, L, N, V])."""
+  q, k, v = blk[:3]  # [B, L, N, K], [B, L, N(_kv), K], [B, L, N(_kv), V]
+  if cfg.feature_map is not None:
+    q, k = cfg.feature_map(q), cfg.feature_map(k)
+  if cfg.dtype is not None:
+    q, k, v = (a.astype(cfg.dtype) for a in (q, k, v))
+  if cfg.repeat > 1:
+    k, v = (jnp.repeat(a, cfg.repeat, axis=2) for a in (k, v))
+  if cfg.ones:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  b, l, n, hk = q.shape
+  hv = v.shape[-1]
+  c, nch = cfg.c, cfg.nchunks
+  x = b * n * nch
+  to_chunks = lambda a: jnp.moveaxis(a.reshape(b, nch, c, n, a.shape[-1]), 3, 1)
+  qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)  # [B, N, G, C, *]
+  flat = lambda a: a.reshape(x, *a.shape[-2:])
+  d, wq, wk, cd = _block_weights(cfg, consts, blk[3] if len(blk) > 3 else None,
+                                 q.dtype)
+  scores = jnp.einsum('xtk,xsk->xts', flat(qc), flat(kc))  # [B*N*G, C, C]
+  scores = scores.reshape(b, n, nch, c, c) * d
+  out = jnp.einsum('xts,xsv->xtv', flat(scores), flat(vc))  # [B*N*G, C, V]
+  k_t = jnp.swapaxes(kc, -1, -2)  # [B, N, G, K, C]
+  if wk is not None:
+    k_t = k_t * wk
+  delta = jnp.einsum('xks,xsv->xkv', flat(k_t), flat(vc)).reshape(
+      b, n, nch, hk, hv)  # [B, N, G, K, V]
+  prev = []
+  for j in range(nch):
+    prev.append(state)
+    decay = 1.0 if cd is None else jnp.broadcast_to(cd, (b, n, nch))[:, :, j,
+                                                                        None, None]
+    state = state * decay + delta[:, :, j]
+  prev = jnp.stack(prev, axis=2)  # [B, N, G, K, V] state entering each chunk
+  out = out + jnp.einsum('xtk,xkv->xtv', flat(qc * wq), flat(prev))  # [B*N*G, C, V]
+  out = jnp.moveaxis(out.reshape(b, n, nch, c, hv), 1, 3).reshape(b, l, n, hv)
+  if cfg.eps is not None:
+    out = normalise(out, cfg.eps)
+  return state, out
+
+
+def _blocks(arrays, i, l):
+  return tuple(lax.dynamic_slice_in_dim(a, i * l, l, axis=1) for a in arrays)
+
+
+def _unstack(ys, b):
+  """[steps, B, L, ...] -> [B, steps * L, ...] (a free reshape when B == 1)."""
+  steps, _, l = ys.shape[:3]
+  if b != 1:
+    ys = jnp.moveaxis(ys, 0, 1)
+  return ys.reshape(b, steps * l, *ys.shape[3:])
+
+
+def _scan_forward(cfg, s0, arrays, consts, keep_states):
+  l = cfg.c * cfg.nchunks
+
+  def body(state, i):
+    new, out = _scan_step(cfg, consts, state, _blocks(arrays, i, l))
+    return new, (out, state) if keep_states else out
+
+  final, ys = lax.scan(body, s0, jnp.arange(cfg.steps))
+  if keep_states:
+    out, states = ys
+    return _unstack(out, s0.shape[0]), final, states
+  return _unstack(ys, s0.shape[0]), final, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan_chunked(cfg: _Cfg, s0, arrays, consts):
+  out, final, _ = _scan_forward(cfg, s0, arrays, consts, keep_states=False)
+  return out, final
+
+
+def _scan_chunked_fwd(cfg, s0, arrays, consts):
+  out, final, states = _scan_forward(cfg, s0, arrays, consts, keep_states=True)
+  return (out, final), (arrays, consts, states)
+
+
+def _scan_chunked_bwd(cfg, res, cts):
+  arrays, consts, states = res
+  d_out, d_final = cts
+  l = cfg.c * cfg.nchunks
+  zero_consts = jax.tree_util.tree_map(jnp.zeros_like, consts)
+
+  def body(carry, i):
+    d_state, d_consts = carry
+    _, pull = jax.vjp(lambda st, blk, cs: _scan_step(cfg, cs, st, blk),
+                      states[i], _blocks(arrays, i, l), consts)
+    d_prev, d_blk, d_cs = pull((d_state, _blocks((d_out,), i, l)[0]))
+    d_consts = jax.tree_util.tree_map(jnp.add, d_consts, d_cs)
+    return (d_prev, d_consts), d_blk
+
+  (d_s0, d_consts), d_blks = lax.scan(body, (d_final, zero_consts),
+                                      jnp.arange(cfg.steps), reverse=True)
+  b = d_s0.shape[0]
+  return d_s0, tuple(_unstack(a, b) for a in d_blks), d_consts
+
+
+_scan_chunked.defvjp(_scan_chunked_fwd, _scan_chunked_bwd)
+
+
+def scan_supported(x: Inputs) -> bool:
+  """Whether `chunked` takes the scan layout (else the all-chunks form below)."""
+  return x.runs is None and (x.g is None or x.g.ndim == 3)
+
+
+def _head_consts(head_g, c):
+  """Once per head: D [N, C, C], wq [N, C], wk [N, C], cd [N] of a constant decay."""
+  pos = jnp.arange(c, dtype=head_g.dtype)
+  diff = pos[:, None] - pos[None, :]
+  d = jnp.where(diff >= 0, jnp.exp(head_g[:, None, None] * jnp.maximum(diff, 0)),
+                0.0)  # [N, C, C]
+  return dict(d=d, wq=jnp.exp(head_g[:, None] * (pos + 1)),
+              wk=jnp.exp(head_g[:, None] * (c - 1 - pos)), cd=jnp.exp(head_g * c))
+
+
+def _scan_causal(x: Inputs, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Causal chunked form in the scan layout (see `scan_supported`)."""
+  extra = {}
+  if x.raw is not None:
+    (q, k, v), scale = x.raw, x.scale
+    extra = dict(feature_map=x.feature_map, dtype=x.q.dtype,
+                 repeat=q.shape[2] // k.shape[2],
+                 ones=v.shape[-1] != x.v.shape[-1], eps=x.normalize_eps)
+  elif x.q_unscaled is not None:
+    (q, k, v), scale = (x.q_unscaled, x.k, x.v), x.scale
+  else:
+    (q, k, v), scale = (x.q, x.k, x.v), 1.0
+  b, t, n, _ = q.shape
+  state = zero_state(x) if x.initial_state is None else x.initial_state
+  kind = 'none' if x.g is None else ('head' if x.head_g is not None else 'step')
+  static_scale = float(scale) if is_concrete(scale) else None
+  c = max(1, min(chunk_size, t))
+  nch = max(1, min(SCAN_CHUNKS_PER_STEP // c, t // c))
+  outs, start = [], 0
+  while start < t:  # Full steps, then at most two shorter tails (fewer chunks, one short chunk).
+    rest = t - start
+    if rest >= c * nch:
+      cfg_c, cfg_g = c, nch
+    elif rest >= c:
+      cfg_c, cfg_g = c, rest // c
+    else:
+      cfg_c, cfg_g = rest, 1
+    steps = rest // (cfg_c * cfg_g)
+    stop = start + steps * cfg_c * cfg_g
+    part = lambda a: a if (start, stop) == (0, t) else a[:, start:stop]
+    arrays = (part(q), part(k), part(v)) + (
+        (part(x.g),) if kind == 'step' else ())
+    consts = {} if static_scale is not None else dict(scale=jnp.asarray(scale,
+                                                                        q.dtype))
+    if kind == 'head':
+      consts.update(_head_consts(x.head_g, cfg_c))
+    cfg = _Cfg(cfg_c, cfg_g, steps, kind, static_scale, **extra)
+    out, state = _scan_chunked(cfg, state, arrays, consts)
+    outs.append(out)
+    start = stop
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  return out, state
+
+
 def chunked(x: Inputs, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
             causal: bool = True) -> tuple[jax.Array, jax.Array | None]:
-  """Chunks of `chunk_size` (any positive size; T is padded to a multiple)."""
+  """Chunks of `chunk_size` (any positive size; T is padded to a multiple).
+
+  Returns the normalised [.., V] output where `x.normalize_eps` is set.
+  """
   chunk_size = check_chunk_size(chunk_size)
+  if causal and scan_supported(x):
+    out, final = _scan_causal(x, chunk_size)  # Normalised in its loop.
+    return out.astype(x.out_dtype), final
   if causal:
     out, final = _chunked_causal(x, chunk_size)
-    return out.astype(x.out_dtype), final
-  if x.runs is None:
+  elif x.runs is None:
     kv = jnp.einsum('btnk,btnv->bnkv', x.k, x.v)  # [B, N, K, V]
     out = jnp.einsum('btnk,bnkv->btnv', x.q, kv)  # [B, T, N, V]
-    return out.astype(x.out_dtype), None
-  fn = lambda y: _chunked_causal(y, chunk_size)
-  return _bidirectional(fn, x).astype(x.out_dtype), None
+    final = None
+  else:
+    fn = lambda y: _chunked_causal(y, chunk_size)
+    out, final = _bidirectional(fn, x), None
+  if x.normalize_eps is not None:
+    out = normalise(out, x.normalize_eps)
+  return out.astype(x.out_dtype), final

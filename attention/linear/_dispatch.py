@@ -38,7 +38,8 @@ def check_implementation(implementation) -> None:
 
 def run(x: _core.Inputs, *, causal: bool, chunk_size: int | None,
         implementation: str | None, xla_chunk_size: int):
-  """(out in the compute dtype, final state or None) by the chosen implementation."""
+  """(out in the output dtype, normalised where `x.normalize_eps` is set, final state
+  or None) by the chosen implementation."""
   check_implementation(implementation)
   if chunk_size is not None:
     chunk_size = _core.check_chunk_size(chunk_size)
@@ -58,4 +59,6 @@ def run(x: _core.Inputs, *, causal: bool, chunk_size: int | None,
   out, final = _kernel().chunked(x.q, x.k, x.v, x.g, x.initial_state,
                                  backend=_BACKEND[implementation],
                                  chunk_size=chunk_size)
+  if x.normalize_eps is not None:
+    out = _core.normalise(out, x.normalize_eps)
   return out.astype(x.out_dtype), final

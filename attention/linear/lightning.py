@@ -95,11 +95,11 @@ def _prepare(query, key, value, slopes, scale, initial_state, segment_ids):
   if slopes is None:
     slopes = lightning_slopes(n)
   check_rates('slopes', slopes, n, what='lambda_h = exp(-slopes_h)')
-  g = log_decay_from_rates(slopes, (b, t, n), _core.compute_dtype(
-      query, key, value, initial_state))
+  dtype = _core.compute_dtype(query, key, value, initial_state)
+  g = log_decay_from_rates(slopes, (b, t, n), dtype)
   return _core.validate(query, key, value, log_decay=g, log_decay_name='slopes',
                         initial_state=initial_state, segment_ids=segment_ids,
-                        scale=scale)
+                        scale=scale, head_log_decay=-jnp.asarray(slopes, dtype))
 
 
 _ARGS_DOC = """

@@ -47,7 +47,7 @@ def feature_map_fn(feature_map: FeatureMap) -> Callable[[jax.Array], jax.Array]:
 
 
 def _prepare(query, key, value, feature_map, normalize, causal, scale,
-             initial_state, segment_ids):
+             initial_state, segment_ids, eps=1e-6):
   if not isinstance(normalize, bool):
     raise TypeError(f'normalize must be a bool, got {type(normalize).__name__}.')
   if not isinstance(causal, bool):
@@ -65,8 +65,12 @@ def _prepare(query, key, value, feature_map, normalize, causal, scale,
   if normalize and hasattr(value, 'shape') and value.ndim == 4:
     v = jnp.concatenate([value, jnp.ones(value.shape[:-1] + (1,), value.dtype)],
                         axis=-1)
-  return _core.validate(fq, fk, v, initial_state=initial_state,
-                        segment_ids=segment_ids, scale=scale, causal=causal)
+  x = _core.validate(fq, fk, v, initial_state=initial_state,
+                     segment_ids=segment_ids, scale=scale, causal=causal)
+  # For the chunked form: the raw arrays and the map (applied per block, see
+  # `_core._scan_causal`) and the eps it normalises with.
+  return x._replace(raw=(query, key, value), feature_map=phi,
+                    normalize_eps=eps if normalize else None)
 
 
 def _finish(out, state, normalize, eps, dtype):
@@ -131,9 +135,8 @@ def chunked_linear_attention(
   """Chunked parallel form (training / prefill); `chunk_size` need not divide T."""
   chunk_size = _core.check_chunk_size(chunk_size)
   x = _prepare(query, key, value, feature_map, normalize, causal, scale,
-               initial_state, segment_ids)
-  out, state = _core.chunked(x, chunk_size=chunk_size, causal=causal)
-  return _finish(out, state, normalize, eps, query.dtype)
+               initial_state, segment_ids, eps)
+  return _core.chunked(x, chunk_size=chunk_size, causal=causal)  # Normalised.
 
 
 def linear_attention(
@@ -146,12 +149,11 @@ def linear_attention(
   """Linear attention by `implementation` (None | 'xla' | 'pallas_tpu' | 'pallas_gpu').
 
   Arguments as `naive_linear_attention`; `chunk_size` defaults to the
-  implementation's (64 for XLA).
+  implementation's (32 for XLA).
   """
   _dispatch.check_implementation(implementation)
   x = _prepare(query, key, value, feature_map, normalize, causal, scale,
-               initial_state, segment_ids)
-  out, state = _dispatch.run(x, causal=causal, chunk_size=chunk_size,
-                             implementation=implementation,
-                             xla_chunk_size=_core.DEFAULT_CHUNK_SIZE)
-  return _finish(out, state, normalize, eps, query.dtype)
+               initial_state, segment_ids, eps)
+  return _dispatch.run(x, causal=causal, chunk_size=chunk_size,
+                       implementation=implementation,
+                       xla_chunk_size=_core.DEFAULT_CHUNK_SIZE)  # Normalised.

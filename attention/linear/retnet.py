@@ -45,10 +45,11 @@ def _prepare(query, key, value, gammas, scale, initial_state, segment_ids):
           f'gammas must be decays in (0, 1] (a negative or zero decay has no '
           f'log; above 1 the state grows), got {gm.tolist()}.')
   dtype = _core.compute_dtype(query, key, value, initial_state)
-  g = jnp.broadcast_to(jnp.log(jnp.asarray(gammas, dtype)), (b, t, n))
+  head_g = jnp.log(jnp.asarray(gammas, dtype))  # [N]
+  g = jnp.broadcast_to(head_g, (b, t, n))
   return _core.validate(query, key, value, log_decay=g, log_decay_name='gammas',
                         initial_state=initial_state, segment_ids=segment_ids,
-                        scale=scale)
+                        scale=scale, head_log_decay=head_g)
 
 
 def naive_retention(query: jax.Array, key: jax.Array, value: jax.Array, *,

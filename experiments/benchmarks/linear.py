@@ -11,8 +11,10 @@ Rows, all B=1, N=8, H=64, float32, causal, timed side by side in interleaved rou
 * `crossover`: chunked lightning vs blocked causal softmax (`dot_product_attention`,
   implementation='xla') forward and fwd+bwd per length; the summary row names the
   first length at which lightning is faster.
-* `memory`: XLA's compiled peak (arguments + outputs + temporaries) of chunked
-  lightning fwd+bwd at `memory_length` (target < 2 GiB).
+* `memory`: peak resident memory (VmHWM) of a fresh subprocess running chunked
+  lightning fwd+bwd at `memory_length` (target < 2 GiB), the method of the softmax
+  benchmark (`xla_attention.memory_row`); beside it XLA's compiled estimate
+  (arguments + outputs + temporaries) of the same function.
 
     python -m experiments.benchmark --suite=cpu_core --topics=linear --workdir=/tmp/lin
 """
@@ -20,6 +22,10 @@ Rows, all B=1, N=8, H=64, float32, causal, timed side by side in interleaved rou
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -141,16 +147,62 @@ def _crossover_rows(cfg) -> list[dict[str, Any]]:
   return rows
 
 
+_MEMORY_SCRIPT = r'''
+import json, sys
+import numpy as np
+
+
+def peak_kib():
+  # VmHWM: this process's own peak RSS (ru_maxrss would carry over fork and exec).
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1])
+  return -1
+
+
+import jax, jax.numpy as jnp
+from attention import linear
+t, n, h = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
+           for _ in range(3)]
+jax.block_until_ready((q, k, v))
+before = peak_kib()
+f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(linear.lightning_attention(
+    q, k, v, implementation='xla')[0]), argnums=(0, 1, 2)))
+g = jax.block_until_ready(f(q, k, v))
+finite = all(bool(jnp.isfinite(x).all()) for x in g)
+print(json.dumps(dict(peak_kib=peak_kib(), inputs_kib=before, finite=finite)))
+'''
+
+
+def _peak_rss(t: int) -> dict[str, Any]:
+  """VmHWM of lightning fwd+bwd at length t in a fresh subprocess."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ)
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, str(t), str(HEADS),
+                         str(HEAD_DIM)], capture_output=True, text=True, env=env,
+                        cwd=root, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'memory subprocess failed: {proc.stderr[-2000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _memory_rows(cfg) -> list[dict[str, Any]]:
   t = cfg['memory_length']
   args = _inputs(t)
-  peak = common.compiled_memory_bytes(_fwd_bwd('lightning'), *args)
+  estimate = common.compiled_memory_bytes(_fwd_bwd('lightning'), *args)
   inputs = sum(a.size * a.dtype.itemsize for a in args)
-  gib = peak / 2**30
+  res = _peak_rss(t)
+  gib = res['peak_kib'] / 2**20
   return [dict(section='memory', variant='lightning', q_len=t,
-               fwd_bwd_peak_gib=gib, inputs_gib=inputs / 2**30,
-               target=TARGETS['memory_gib'],
-               met=bool(0 <= gib < TARGETS['memory_gib']))]
+               fwd_bwd_peak_rss_gib=gib,
+               peak_rss_before_attention_gib=res['inputs_kib'] / 2**20,
+               xla_estimate_gib=estimate / 2**30, inputs_gib=inputs / 2**30,
+               grads_finite=res['finite'], target=TARGETS['memory_gib'],
+               met=bool(0 <= gib < TARGETS['memory_gib'] and res['finite']))]
 
 
 def run(suite: str, workdir: str) -> list[dict[str, Any]]:
