@@ -119,10 +119,16 @@ def validate(query, key, value, *, log_decay=None, log_decay_name='log_decay',
   for name, x in (('query', query), ('key', key), ('value', value)):
     _checks.check_array(name, x, ndim=4, floating=True)
   b, t, n, hk = query.shape
-  if key.shape[:2] != (b, t) or value.shape[:2] != (b, t):
+  src = key.shape[1]
+  if key.shape[0] != b or value.shape[:2] != key.shape[:2]:
     raise ValueError(
-        f'key and value must share the batch and length of query {(b, t)} '
-        f'[B, T], got key {tuple(key.shape)} and value {tuple(value.shape)}.')
+        f'key and value must share the batch of query ({b}) and one length [B, S], '
+        f'got key {tuple(key.shape)} and value {tuple(value.shape)}.')
+  if src != t and (causal or segment_ids is not None):
+    raise ValueError(
+        f'key length ({src}) may differ from the query length ({t}) only with '
+        f'causal=False and no segment_ids (got causal={causal}, segment_ids '
+        f'{"given" if segment_ids is not None else "None"}).')
   if key.shape[-1] != hk:
     raise ValueError(f'key head_dim must equal query head_dim ({hk}), got '
                      f'{key.shape[-1]}.')
@@ -202,7 +208,7 @@ def naive(x: Inputs, *, causal: bool = True
   q, k, v, g = x.q, x.k, x.v, x.g
   b, t, n, hk = q.shape
   pos = jnp.arange(t)
-  vis = jnp.ones((b, t, t), bool)
+  vis = jnp.ones((b, t, k.shape[1]), bool)
   if causal:
     vis = vis & (pos[:, None] >= pos[None, :])[None]
   if x.runs is not None:
@@ -296,7 +302,14 @@ def recurrent(x: Inputs, *, causal: bool = True
   if causal:
     out, final = _recurrent_causal(x)
     return out.astype(x.out_dtype), final
-  return _bidirectional(_recurrent_causal, x).astype(x.out_dtype), None
+  if x.k.shape[1] != x.q.shape[1]:  # Cross lengths: the total state, then q S.
+    kv = lax.scan(lambda s, kv: (s + jnp.einsum('bnk,bnv->bnkv', *kv), None),
+                  zero_state(x), (jnp.moveaxis(x.k, 1, 0),
+                                  jnp.moveaxis(x.v, 1, 0)))[0]  # [B, N, K, V]
+    out = jnp.einsum('btnk,bnkv->btnv', x.q, kv)  # [B, T, N, V]
+  else:
+    out = _bidirectional(_recurrent_causal, x)
+  return out.astype(x.out_dtype), None
 
 
 # ----------------------------------------------------------------------------
@@ -625,8 +638,13 @@ def chunked(x: Inputs, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
   if causal:
     out, final = _chunked_causal(x, chunk_size)
   elif x.runs is None:
-    kv = jnp.einsum('btnk,btnv->bnkv', x.k, x.v)  # [B, N, K, V]
-    out = jnp.einsum('btnk,bnkv->btnv', x.q, kv)  # [B, T, N, V]
+    t, src, hk, hv = x.q.shape[1], x.k.shape[1], x.q.shape[-1], x.v.shape[-1]
+    if t * src * (hk + hv) < (t + src) * hk * hv:  # Few queries: (q k^T) v.
+      scores = jnp.einsum('btnk,bsnk->bnts', x.q, x.k)  # [B, N, T, S]
+      out = jnp.einsum('bnts,bsnv->btnv', scores, x.v)  # [B, T, N, V]
+    else:  # q (k^T v).
+      kv = jnp.einsum('bsnk,bsnv->bnkv', x.k, x.v)  # [B, N, K, V]
+      out = jnp.einsum('btnk,bnkv->btnv', x.q, kv)  # [B, T, N, V]
     final = None
   else:
     fn = lambda y: _chunked_causal(y, chunk_size)

@@ -2,8 +2,10 @@
 
     o_t = phi(q_t) sum_s phi(k_s)^T v_s / (phi(q_t) . sum_s phi(k_s) + eps)
 
-over s <= t (causal, a prefix sum) or all s (non-causal); `normalize=False` drops the
-denominator. phi is 'elu+1' (the paper's), 'relu', 'identity', 'exp' or any callable
+over s <= t (causal, a prefix sum) or all s (non-causal, where the key length S may
+differ from the query length T; the chunked form then takes the cheaper association,
+(phi(Q) phi(K)^T) V for few queries, phi(Q) (phi(K)^T V) otherwise); `normalize=False`
+drops the denominator. phi is 'elu+1' (the paper's), 'relu', 'identity', 'exp' or any callable
 applied elementwise to the [B, T, N, K] query and key.
 
 State: [B, N, K, V] unnormalised; normalised, [B, N, K, V + 1] whose last column is the
@@ -91,8 +93,9 @@ def naive_linear_attention(
 
   Args:
     query: [B, T, N, K].
-    key: [B, T, N_kv, K] (N a multiple of N_kv).
-    value: [B, T, N_kv, V].
+    key: [B, S, N_kv, K] (N a multiple of N_kv; S = T unless causal=False, e.g. one
+      query over S context tokens).
+    value: [B, S, N_kv, V].
     feature_map: a name in `FEATURE_MAPS` or a shape-preserving callable.
     normalize: divide by phi(q_t) . sum_s phi(k_s) (+ eps).
     causal: prefix sums (s <= t) or all positions.

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attention
+from attention import linear
 
 # Einsum letters: b batch, l context position, n head, m model (group of heads),
 # i/j token feature (D), t output (task).
@@ -175,7 +176,12 @@ def linear_forward(params: dict[str, jax.Array], context: jax.Array,
 
   f = sum_h O_h V_h Z (Z^T K_h^T Q_h z_q) / sqrt(D) (divided by the number of
   context tokens if `normalize`), the one-layer linear transformer contrasted with
-  softmax attention for length generalisation in Section 4 of the paper.
+  softmax attention for length generalisation in Section 4 of the paper. It is plain
+  linear attention (identity feature map, no denominator) of the folded query over
+  the raw tokens: `attention.linear.linear_attention` with causal=False, one query
+  over the L context tokens (a [B, L] mask zeroes the keys of absent tokens). The
+  division by the token count is this model's, not the library's normaliser
+  phi(q) . sum phi(k), which with the identity map can be zero or negative.
   """
   heads = _check_heads(heads)
   n, dd = _check_inputs(params, context, query, mask)
@@ -183,13 +189,16 @@ def linear_forward(params: dict[str, jax.Array], context: jax.Array,
     raise ValueError(f'heads must sum to the number of stacked heads ({n}), got '
                      f'{heads!r}.')
   q_fold = _folded_query(params, query)  # [B, N, D]
-  scores = jnp.einsum('bni,bli->bnl', q_fold, context) / math.sqrt(dd)  # [B,N,L]
-  if mask is not None:
-    scores = scores * mask[:, None, :].astype(scores.dtype)
-  out = jnp.einsum('bnl,bli->bni', scores, context)  # [B, N, D]
+  tokens = context[:, :, None, :]  # [B, L, 1, D]: one key / value head, shared
+  keys = tokens if mask is None else tokens * mask[:, :, None, None].astype(
+      tokens.dtype)
+  out, _ = linear.linear_attention(
+      q_fold[:, None], keys, tokens, feature_map='identity', normalize=False,
+      causal=False, scale=1.0 / math.sqrt(dd), implementation='xla')
+  out = out[:, 0]  # [B, N, D]
   if normalize:
-    count = (jnp.full(context.shape[:1], context.shape[1], scores.dtype)
-             if mask is None else jnp.sum(mask, axis=1).astype(scores.dtype))
+    count = (jnp.full(context.shape[:1], context.shape[1], out.dtype)
+             if mask is None else jnp.sum(mask, axis=1).astype(out.dtype))
     out = out / count[:, None, None]
   return _combine(params, out, heads)
 

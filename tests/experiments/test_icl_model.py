@@ -209,3 +209,42 @@ def test_bad_sample_sizes():
     data.sample_numpy(data.Task(d=2, sigma2=0.1), 0, 0, 3)
   with pytest.raises(ValueError, match='length'):
     data.sample(data.Task(d=2, sigma2=0.1), jax.random.key(0), 2, -1)
+
+
+def _old_linear_forward(params, context, query, heads, mask=None, normalize=False):
+  """The study's own formula before it used `attention.linear` (kept as a check)."""
+  dd = context.shape[-1]
+  kq = jnp.einsum('nji,njk->nik', params['K'], params['Q'])
+  q_fold = jnp.einsum('nik,bk->bni', kq, query)  # [B, N, D]
+  scores = jnp.einsum('bni,bli->bnl', q_fold, context) / math.sqrt(dd)
+  if mask is not None:
+    scores = scores * mask[:, None, :].astype(scores.dtype)
+  out = jnp.einsum('bnl,bli->bni', scores, context)
+  if normalize:
+    count = (jnp.full(context.shape[:1], context.shape[1], scores.dtype)
+             if mask is None else jnp.sum(mask, axis=1).astype(scores.dtype))
+    out = out / count[:, None, None]
+  ov = jnp.einsum('nti,nij->ntj', params['O'], params['V'])
+  per_head = jnp.einsum('ntj,bnj->bnt', ov, out)
+  return jnp.einsum('bnt,nm->bmt', per_head,
+                    jnp.asarray(model.group_matrix(heads), per_head.dtype))
+
+
+@pytest.mark.parametrize('normalize', [False, True])
+@pytest.mark.parametrize('masked', [False, True])
+def test_linear_forward_equals_the_old_formula(normalize, masked):
+  heads = (1, 2, 4)
+  params = _rand_params(3, heads, 7, t=2)
+  rng = np.random.default_rng(1)
+  ctx = jnp.asarray(rng.standard_normal((5, 23, 7)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
+  mask = (jnp.asarray(rng.uniform(size=(5, 23)) < 0.7) if masked else None)
+  got = model.linear_forward(params, ctx, q, heads, mask=mask, normalize=normalize)
+  want = _old_linear_forward(params, ctx, q, heads, mask=mask, normalize=normalize)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  g_new = jax.grad(lambda p: jnp.sum(model.linear_forward(
+      p, ctx, q, heads, mask=mask, normalize=normalize) ** 2))(params)
+  g_old = jax.grad(lambda p: jnp.sum(_old_linear_forward(
+      p, ctx, q, heads, mask=mask, normalize=normalize) ** 2))(params)
+  for name in params:
+    np.testing.assert_allclose(g_new[name], g_old[name], rtol=1e-4, atol=1e-5)

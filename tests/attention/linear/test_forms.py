@@ -171,3 +171,31 @@ def test_strong_gates_stay_finite_in_float32():
     grads = jax.jit(jax.grad(lambda g: jnp.sum(
         linear.chunked_gated_linear_attention(q, k, v, g, chunk_size=24)[0])))(g)
     assert bool(jnp.all(jnp.isfinite(grads)))
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_bfloat16_three_way(name):
+  # bf16 inputs, f32 accumulation: chunked's error vs the float64 naive form within
+  # a small factor of the bf16 naive form's own error.
+  rng = np.random.default_rng(17)
+  t = 45
+  q, k, v, s0 = _inputs(rng, t=t, hk=8, hv=8)
+  extra, _ = helpers.extra_for(name, rng, 2, t, 4, 8)
+  naive, recurrent, chunked = helpers.forms(name)
+  bf = lambda a: None if a is None else a.astype(jnp.bfloat16)
+  # The golden form sees the same bf16-rounded inputs, in float64.
+  q, k, v, s0 = (bf(a).astype(jnp.float64) for a in (q, k, v, s0))
+  extra = None if extra is None else bf(extra).astype(jnp.float64)
+  gold, gold_final = naive(q, k, v, extra, **_kw(name, s0, None))
+  args = (bf(q), bf(k), bf(v), bf(extra))
+  kw = _kw(name, bf(s0), None)
+  ref, ref_final = naive(*args, **kw)
+  assert ref.dtype == jnp.bfloat16
+  floor = helpers.FLOOR[jnp.bfloat16] * float(jnp.max(jnp.abs(gold)))
+  fudge = helpers.FUDGE[jnp.bfloat16]
+  for fn, kw2 in ((recurrent, {}), (chunked, {}), (chunked, dict(chunk_size=7))):
+    out, final = fn(*args, **kw, **kw2)
+    assert out.dtype == jnp.bfloat16
+    assert _max_err(out, gold) <= fudge * max(_max_err(ref, gold), floor)
+    assert _max_err(final, gold_final) <= fudge * max(
+        _max_err(ref_final, gold_final), floor)

@@ -147,7 +147,13 @@ def _qkv():
         q, k, v, segment_ids=jnp.zeros((2, 4), jnp.int32)),
      r'segment_ids must have shape \(2, 5\)'),
     (lambda q, k, v: linear.chunked_linear_attention(q, k[:, :4], v),
-     'key and value must share'),
+     "key and value must share"),
+    (lambda q, k, v: linear.chunked_linear_attention(q, k[:, :4], v[:, :4]),
+     'may differ from the query length'),
+    (lambda q, k, v: linear.linear_attention(
+        q, k[:, :4], v[:, :4], causal=False,
+        segment_ids=jnp.zeros((2, 5), jnp.int32)),
+     'may differ from the query length'),
     (lambda q, k, v: linear.chunked_linear_attention(q, k[:, :, :1], v),
      'value heads must equal key heads'),
     (lambda q, k, v: linear.chunked_linear_attention(q[:, :, :3], k, v),
@@ -176,3 +182,31 @@ def test_bad_types():
     linear.chunked_linear_attention(q, k, v, segment_ids=jnp.zeros((2, 5)))
   with pytest.raises(TypeError, match='log_gates must be an array'):
     linear.chunked_gated_linear_attention(q, k, v, None)
+
+
+@pytest.mark.parametrize('t,s', [(1, 17), (3, 40), (12, 5)])
+@pytest.mark.parametrize('normalize', [True, False])
+def test_non_causal_cross_lengths_against_numpy(t, s, normalize):
+  # One (or a few) queries over S context tokens: phi(q) (phi(K)^T V) / phi(q) z.
+  rng = np.random.default_rng(t * 100 + s)
+  b, n, kh, hk, hv = 2, 4, 2, 3, 5
+  q = helpers.rand(rng, b, t, n, hk)
+  k, v = helpers.rand(rng, b, s, kh, hk), helpers.rand(rng, b, s, kh, hv)
+  fq = np.where(np.asarray(q) > 0, np.asarray(q) + 1, np.exp(np.asarray(q)))
+  fk = np.where(np.asarray(k) > 0, np.asarray(k) + 1, np.exp(np.asarray(k)))
+  fk, vv = np.repeat(fk, 2, axis=2), np.repeat(np.asarray(v), 2, axis=2)
+  num = np.einsum('btnk,bsnk,bsnv->btnv', fq, fk, vv) * 0.3
+  ref = num / (np.einsum('btnk,bsnk->btn', fq, fk)[..., None] * 0.3 + 1e-6) \
+      if normalize else num
+  grads = []
+  for fn in (linear.naive_linear_attention, linear.recurrent_linear_attention,
+             linear.chunked_linear_attention, linear.linear_attention):
+    out, state = fn(q, k, v, causal=False, normalize=normalize, scale=0.3)
+    assert state is None and out.shape == (b, t, n, hv)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    grads.append(jax.grad(lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(
+        q, k, v, causal=False, normalize=normalize, scale=0.3)[0])),
+                          (0, 1, 2))(q, k, v))
+  for g in grads[1:]:
+    for a, a0 in zip(g, grads[0]):
+      np.testing.assert_allclose(a, a0, rtol=1e-9, atol=1e-11)
