@@ -21,6 +21,15 @@ Causal form (not in the paper; exact via prefix sums): position i sees N_i = i +
 with prefix means kbar_i, vbar_i, i.e. the weights above restricted to j <= i. The
 prefix sum runs through the chunked linear-attention form (O(T) memory).
 
+State (`InLineState`): the sufficient statistics of those prefix sums, sum_j phi(K_j)
+V_j^T [B, N, K, V], sum_j phi(K_j) [B, N, K], sum_j V_j [B, N, V] and the count of
+keys seen [B]. The causal forms take it as `initial_state` (its keys count towards
+N_i) and return the state after the last token (`return_state=True`;
+`recurrent_inline_attention`, a `lax.scan` for decoding, always does), so chunked
+prefill followed by token-by-token decoding reproduces the full causal output.
+`segment_ids` [B, T] pack variable-length sequences: wherever the id changes the state
+restarts from zero (the initial state belongs to the first segment).
+
 Local term (the paper's second ingredient, for 2D token grids): a 3x3 depthwise
 convolution of V whose per-sample, per-channel kernels come from an MLP of the mean
 input token, added to O (`inline_local_term`, `InLineAttention`).
@@ -32,33 +41,63 @@ feature, d model dim.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from flax import nnx
 
 from attention.linear import _grid
+from attention.linear import _prefix
+from attention.linear import layers
 from attention.linear import linear_transformer
 
 FeatureMap = linear_transformer.FeatureMap
 
 
-def _features(query, key, value, feature_map, causal, scale):
+class InLineState(NamedTuple):
+  """Sufficient statistics of the causal InLine prefix sums (in the compute dtype)."""
+  kv: jax.Array  # [B, N, K, V] sum_j phi(K_j) V_j^T
+  k_sum: jax.Array  # [B, N, K] sum_j phi(K_j)
+  v_sum: jax.Array  # [B, N, V] sum_j V_j
+  count: jax.Array  # [B] keys seen (a float)
+
+
+def _features(query, key, value, feature_map, causal, scale, initial_state=None,
+              segment_ids=None, return_state=False):
   _grid.check_bool('causal', causal)
+  _grid.check_bool('return_state', return_state)
   q, k, v, out_dtype = _grid.check_qkv(query, key, value)
   phi = linear_transformer.feature_map_fn(feature_map)
   fq, fk = phi(q), phi(k)
   if fq.shape != q.shape or fk.shape != k.shape:
     raise ValueError(f'feature_map must preserve shapes, got {tuple(fq.shape)} from '
                      f'query {tuple(q.shape)}.')
-  return fq, fk, v, _grid.check_scale(scale, q.shape[-1]), out_dtype
+  b, t, n, hk = fq.shape
+  hv = v.shape[-1]
+  s0 = _prefix.check_state(
+      initial_state, InLineState,
+      dict(kv=(b, n, hk, hv), k_sum=(b, n, hk), v_sum=(b, n, hv), count=(b,)),
+      fq.dtype, causal)
+  reset = _prefix.check_segments(segment_ids, b, t, causal)
+  return fq, fk, v, _grid.check_scale(scale, q.shape[-1]), out_dtype, s0, reset
+
+
+def _combine(fq, kv_q, k_sum, v_sum, count, c):
+  """O = (c/N) phi(Q) . KV + (1 - c phi(Q) . ksum / N) vsum / N, count N [B, T]."""
+  m = count[:, :, None]  # [B, T, 1]
+  resid = 1.0 - c * jnp.einsum('btnk,btnk->btn', fq, k_sum) / m  # [B, T, N]
+  return kv_q * (c / m)[..., None] + (resid / m)[..., None] * v_sum
 
 
 def naive_inline_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                            causal: bool = False,
                            feature_map: FeatureMap = 'identity',
-                           scale: float | None = None) -> jax.Array:
+                           scale: float | None = None,
+                           initial_state: InLineState | None = None,
+                           segment_ids: jax.Array | None = None,
+                           return_state: bool = False) -> Any:
   """The quadratic form: explicit weights InL(Q_i)_j times V (the oracle).
 
   Args:
@@ -68,37 +107,79 @@ def naive_inline_attention(query: jax.Array, key: jax.Array, value: jax.Array, *
     causal: restrict key j to j <= i (the means then run over j <= i).
     feature_map: phi, a name in FEATURE_MAPS or a callable (default identity).
     scale: c, default K ** -0.5.
+    initial_state: an `InLineState` of earlier keys (causal only): row i of the
+      first segment weighs them as N_0 more keys summarised by their sums.
+    segment_ids: [B, T] ints (causal only); keys of other segments are invisible.
+    return_state: also return the state after the last token (None if non-causal).
 
   Returns:
-    out [B, T, N, V].
+    out [B, T, N, V], or (out, final InLineState | None) with return_state.
   """
-  fq, fk, v, c, out_dtype = _features(query, key, value, feature_map, causal,
-                                      scale)
-  t = fq.shape[1]
+  fq, fk, v, c, out_dtype, s0, reset = _features(
+      query, key, value, feature_map, causal, scale, initial_state, segment_ids,
+      return_state)
+  b, t = fq.shape[:2]
   s = jnp.einsum('btnk,bsnk->bnts', fq, fk)  # [B, N, T, S]
   if causal:
-    vis = jnp.tril(jnp.ones((t, t), bool))  # [T, S]
-    count = jnp.arange(1, t + 1, dtype=fq.dtype)[:, None]  # [T, 1] keys seen
+    vis = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    runs = (jnp.zeros((b, t), jnp.int32) if reset is None else
+            _prefix.runs_from_resets(reset))
+    vis = vis & (runs[:, :, None] == runs[:, None, :])  # [B, T, S]
+    first = (runs == 0).astype(fq.dtype)  # [B, T] rows that see the initial state
+    count = jnp.sum(vis, axis=-1).astype(fq.dtype)  # [B, T] keys seen
   else:
-    vis = jnp.ones((t, t), bool)
-    count = jnp.full((t, 1), t, fq.dtype)
+    vis = jnp.ones((b, t, t), bool)
+    count = jnp.full((b, t), t, fq.dtype)
+  vis = vis[:, None]  # [B, 1, T, S]
   s = jnp.where(vis, s, 0.0)
-  mean = jnp.sum(s, axis=-1, keepdims=True) / count  # [B, N, T, 1]
-  w = jnp.where(vis, c / count * (s - mean) + 1.0 / count, 0.0)  # [B, N, T, S]
-  return jnp.einsum('bnts,bsnv->btnv', w, v).astype(out_dtype)  # [B, T, N, V]
+  total = jnp.sum(s, axis=-1)  # [B, N, T]
+  if causal and s0 is not None:
+    count = count + first * s0.count[:, None]
+    total = total + jnp.moveaxis(first[:, :, None] * jnp.einsum(
+        'btnk,bnk->btn', fq, s0.k_sum), 1, 2)
+  cnt = count[:, None, :, None]  # [B, 1, T, 1]
+  mean = total[..., None] / cnt  # [B, N, T, 1]
+  w = jnp.where(vis, c / cnt * (s - mean) + 1.0 / cnt, 0.0)  # [B, N, T, S]
+  out = jnp.einsum('bnts,bsnv->btnv', w, v)  # [B, T, N, V]
+  if not causal:
+    return (out.astype(out_dtype), None) if return_state else out.astype(out_dtype)
+  if s0 is not None:  # The initial state's keys, summarised by their sums.
+    cm = jnp.moveaxis(cnt, 1, 2)  # [B, T, 1, 1]
+    mean_t = jnp.moveaxis(mean, 1, 2)  # [B, T, N, 1]
+    state_term = (c / cm * jnp.einsum('btnk,bnkv->btnv', fq, s0.kv) +
+                  (1.0 / cm - c / cm * mean_t) * s0.v_sum[:, None])
+    out = out + first[:, :, None, None] * state_term
+  out = out.astype(out_dtype)
+  if not return_state:
+    return out
+  last = (runs == runs[:, -1:]).astype(fq.dtype)  # [B, T] tokens of the last run
+  final = InLineState(
+      jnp.einsum('bt,btnk,btnv->bnkv', last, fk, v), jnp.einsum(
+          'bt,btnk->bnk', last, fk), jnp.einsum('bt,btnv->bnv', last, v),
+      jnp.sum(last, axis=1))
+  if s0 is not None:
+    keep = (runs[:, -1] == 0).astype(fq.dtype)  # [B] the last run is the first
+    final = InLineState(*(f + keep.reshape((b,) + (1,) * (f.ndim - 1)) * i
+                          for f, i in zip(final, s0)))
+  return out, final
 
 
 def inline_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      causal: bool = False, feature_map: FeatureMap = 'identity',
-                     scale: float | None = None, chunk_size: int = 64
-                    ) -> jax.Array:
+                     scale: float | None = None, chunk_size: int = 64,
+                     initial_state: InLineState | None = None,
+                     segment_ids: jax.Array | None = None,
+                     return_state: bool = False) -> Any:
   """The linear-time form (global sums; prefix sums when causal).
 
   Arguments as `naive_inline_attention`; `chunk_size` is the chunk of the causal
-  prefix sum (`attention.linear.chunked_linear_attention`). Returns [B, T, N, V].
+  prefix product (`attention.linear.chunked_linear_attention`); the other prefix sums
+  are (segmented) cumulative sums. Returns out [B, T, N, V], or (out, final state)
+  with `return_state`.
   """
-  fq, fk, v, c, out_dtype = _features(query, key, value, feature_map, causal,
-                                      scale)
+  fq, fk, v, c, out_dtype, s0, reset = _features(
+      query, key, value, feature_map, causal, scale, initial_state, segment_ids,
+      return_state)
   t = fq.shape[1]
   if not causal:
     kv = jnp.einsum('bsnk,bsnv->bnkv', fk, v)  # [B, N, K, V]
@@ -106,15 +187,61 @@ def inline_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     vbar = jnp.mean(v, axis=1)  # [B, N, V]
     main = jnp.einsum('btnk,bnkv->btnv', fq, kv) * (c / t)  # [B, T, N, V]
     resid = 1.0 - c * jnp.einsum('btnk,bnk->btn', fq, kbar)  # [B, T, N]
-    return (main + resid[..., None] * vbar[:, None]).astype(out_dtype)
-  count = jnp.arange(1, t + 1, dtype=fq.dtype)[None, :, None, None]  # [1, T, 1, 1]
-  qkv, _ = linear_transformer.chunked_linear_attention(  # [B, T, N, V]
+    out = (main + resid[..., None] * vbar[:, None]).astype(out_dtype)
+    return (out, None) if return_state else out
+  init = (lambda name: None) if s0 is None else (lambda name: getattr(s0, name))
+  qkv, kv_final = linear_transformer.chunked_linear_attention(  # [B, T, N, V]
       fq, fk, v, feature_map='identity', normalize=False, causal=True,
-      scale=1.0, chunk_size=chunk_size)
-  kbar = jnp.cumsum(fk, axis=1) / count  # [B, T, N, K]
-  vbar = jnp.cumsum(v, axis=1) / count  # [B, T, N, V]
-  resid = 1.0 - c * jnp.einsum('btnk,btnk->btn', fq, kbar)  # [B, T, N]
-  return (qkv * (c / count) + resid[..., None] * vbar).astype(out_dtype)
+      scale=1.0, chunk_size=chunk_size, initial_state=init('kv'),
+      segment_ids=None if reset is None else _prefix.runs_from_resets(reset))
+  count = _prefix.segment_scan(jnp.ones(fq.shape[:2], fq.dtype), reset,
+                               init('count'))  # [B, T]
+  k_sum = _prefix.segment_scan(fk, reset, init('k_sum'))  # [B, T, N, K]
+  v_sum = _prefix.segment_scan(v, reset, init('v_sum'))  # [B, T, N, V]
+  out = _combine(fq, qkv, k_sum, v_sum, count, c).astype(out_dtype)
+  if not return_state:
+    return out
+  return out, InLineState(kv_final, k_sum[:, -1], v_sum[:, -1], count[:, -1])
+
+
+def recurrent_inline_attention(query: jax.Array, key: jax.Array,
+                               value: jax.Array, *,
+                               feature_map: FeatureMap = 'identity',
+                               scale: float | None = None,
+                               initial_state: InLineState | None = None,
+                               segment_ids: jax.Array | None = None
+                              ) -> tuple[jax.Array, InLineState]:
+  """The causal form as a `lax.scan` over tokens (decoding, one token at a time).
+
+  Arguments as `naive_inline_attention` (causal). Returns (out [B, T, N, V], the
+  `InLineState` after the last token).
+  """
+  fq, fk, v, c, out_dtype, s0, reset = _features(
+      query, key, value, feature_map, True, scale, initial_state, segment_ids)
+  b, t, n, hk = fq.shape
+  hv = v.shape[-1]
+  if s0 is None:
+    s0 = InLineState(jnp.zeros((b, n, hk, hv), fq.dtype),
+                     jnp.zeros((b, n, hk), fq.dtype),
+                     jnp.zeros((b, n, hv), fq.dtype), jnp.zeros((b,), fq.dtype))
+  if reset is None:
+    reset = jnp.zeros((b, t), bool)
+
+  def step(state, inp):
+    qt, kt, vt, rt = inp  # [B, N, K], [B, N, K], [B, N, V], [B]
+    state = InLineState(*(jnp.where(rt.reshape((b,) + (1,) * (a.ndim - 1)), 0.0,
+                                    a) for a in state))
+    kv = state.kv + jnp.einsum('bnk,bnv->bnkv', kt, vt)  # [B, N, K, V]
+    state = InLineState(kv, state.k_sum + kt, state.v_sum + vt, state.count + 1.0)
+    m = state.count[:, None]  # [B, 1]
+    resid = 1.0 - c * jnp.einsum('bnk,bnk->bn', qt, state.k_sum) / m  # [B, N]
+    o = (jnp.einsum('bnk,bnkv->bnv', qt, kv) * (c / m)[..., None] +
+         (resid / m)[..., None] * state.v_sum)  # [B, N, V]
+    return state, o
+
+  tm = lambda a: jnp.moveaxis(a, 1, 0)
+  final, out = lax.scan(step, s0, (tm(fq), tm(fk), tm(v), tm(reset)))
+  return jnp.moveaxis(out, 0, 1).astype(out_dtype), final
 
 
 def inline_local_term(value: jax.Array, kernels: jax.Array,
@@ -199,16 +326,33 @@ class InLineAttention(nnx.Module):
       self.w_local2 = _param(rngs, (num_heads, head_dim, taps * head_dim),
                              head_dim * taps, ('heads', 'head_dim', None))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]."""
+  def __call__(self, x: jax.Array, *, initial_state: InLineState | None = None,
+               segment_ids: jax.Array | None = None, mode: str = 'chunked',
+               chunk_size: int = 64, return_state: bool = False) -> Any:
+    """x [B, T, D] -> [B, T, D] (and the final `InLineState` with return_state).
+
+    As the layers of `attention.linear.layers`: `mode` 'chunked' (training,
+    prefill) or 'recurrent' (decoding; causal only); `initial_state`, `segment_ids`
+    need causal=True.
+    """
     if x.ndim != 3 or x.shape[-1] != self.wq.shape[0]:
       raise ValueError(f'x must have shape [B, T, {self.wq.shape[0]}], got '
                        f'{tuple(x.shape)}.')
+    if mode not in layers.MODES:
+      raise ValueError(f'mode must be one of {layers.MODES}, got {mode!r}.')
+    if mode == 'recurrent' and not self.causal:
+      raise ValueError("mode='recurrent' requires causal=True.")
     dt = x.dtype
     proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
     q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)  # [B, T, N, H]
-    o = inline_attention(q, k, v, causal=self.causal,
-                         feature_map=self.feature_map)  # [B, T, N, H]
+    kw = dict(feature_map=self.feature_map, initial_state=initial_state,
+              segment_ids=segment_ids)
+    if mode == 'recurrent':
+      o, state = recurrent_inline_attention(q, k, v, **kw)  # [B, T, N, H]
+    else:
+      o, state = inline_attention(q, k, v, causal=self.causal,
+                                  chunk_size=chunk_size, return_state=True,
+                                  **kw)  # [B, T, N, H]
     if self.local:
       grid = _grid.check_grid(self.grid, x.shape[1])
       hid = jax.nn.gelu(jnp.einsum('bd,dnh->bnh', jnp.mean(x, axis=1),
@@ -220,5 +364,6 @@ class InLineAttention(nnx.Module):
       r = r.reshape(b, n, *ks, h)  # [B, N, *K, H]
       r = jnp.moveaxis(r, 1, -2)  # [B, *K, N, H]
       o = o + inline_local_term(v, r, grid)
-    return jnp.einsum('btnh,nhd->btd', o.astype(dt),
-                      self.wo[...].astype(dt))  # [B, T, D]
+    y = jnp.einsum('btnh,nhd->btd', o.astype(dt),
+                   self.wo[...].astype(dt))  # [B, T, D]
+    return (y, state) if return_state else y
