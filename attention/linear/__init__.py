@@ -57,9 +57,13 @@ from attention.linear.layers import Retention
 # `agent_attention` / `inline_attention` stay module names, their functions inside).
 from attention.linear.agent_attention import AgentAttention  # pylint: disable=g-bad-import-order
 from attention.linear.flowformer import FlowAttention
+from attention.linear.flowformer import FlowState
 from attention.linear.flowformer import flow_attention
+from attention.linear.flowformer import recurrent_flow_attention
 from attention.linear.inline_attention import InLineAttention
+from attention.linear.inline_attention import InLineState
 from attention.linear.inline_attention import naive_inline_attention
+from attention.linear.inline_attention import recurrent_inline_attention
 from attention.linear.lightnet import MDTPE
 from attention.linear.lightnet import LightNetAttention
 from attention.linear.lightnet import lightnet_attention
