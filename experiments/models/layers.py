@@ -82,7 +82,8 @@ class AttentionSpec:
   Attributes:
     variant: a name in `registry.available_variants()`, or a token-mixer layer in
       `registry.available_layers()` (used in place of the attention layer).
-    mask: a mask spec string (`registry.make_mask`), e.g. 'causal', 'none'.
+    mask: a mask spec string (`registry.make_mask`), e.g. 'sliding_window:64,0',
+      'none'; plain 'causal' is stored as causal=True with no mask.
     causal: also apply k <= q (decoders); ANDed with `mask`.
     sinks: learnable per-head sink logits (StreamingLLM / gpt-oss).
     logits_soft_cap: tanh soft-cap of the logits (Gemma 2), or None.
@@ -101,6 +102,11 @@ class AttentionSpec:
 
   def __post_init__(self):
     registry.check_name(self.variant)  # A variant or a layer.
+    if registry.parse_mask_spec(self.mask) == ('causal', (), {}):
+      # The plain causal mask is causality itself: every variant and layer takes
+      # it as `causal` (a linear-time variant has no mask argument to give it to).
+      object.__setattr__(self, 'mask', registry.NO_MASK)
+      object.__setattr__(self, 'causal', True)
     if registry.is_layer(self.variant) and (
         self.mask != registry.NO_MASK or self.sinks or
         self.logits_soft_cap is not None):

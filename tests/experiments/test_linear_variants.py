@@ -62,3 +62,20 @@ def test_registry_variant_matches_library_and_rejects_softmax_options():
   with pytest.raises(ValueError, match='implementation must be one of'):
     registry.get_variant('linear')(q, k, v, is_causal=True,
                                    **dict(opts, implementation='cudnn'))
+
+
+@pytest.mark.parametrize('variant', ['linear', 'flow', 'gla'])
+def test_lm_default_causal_mask_spec_works_with_maskless_variants(variant):
+  """The LM preset's default mask 'causal' is causality, not a mask argument."""
+  from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
+  import experiments.models as models_lib  # pylint: disable=g-import-not-at-top
+  config = lm_configs.get_config('tiny')
+  assert config.model.attention.mask == 'causal'
+  config.model.attention.variant = variant
+  model = models_lib.build_model(config.model, vocab_size=11)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 9)))
+  logits, _ = model(tokens)
+  # Causal: changing a later token leaves earlier logits unchanged.
+  logits2, _ = model(tokens.at[:, 6].set((tokens[:, 6] + 1) % 11))
+  np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-5)
+  assert not np.allclose(logits[:, 6:], logits2[:, 6:])

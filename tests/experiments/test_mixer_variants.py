@@ -97,7 +97,9 @@ def test_bad_names_and_options():
   with pytest.raises(ValueError, match='variant must be one of .* or a layer'):
     layers.AttentionSpec(variant='agnet')
   with pytest.raises(ValueError, match='takes no mask'):
-    layers.AttentionSpec(variant='agent', mask='causal')
+    layers.AttentionSpec(variant='agent', mask='sliding_window:4,0')
+  # Plain 'causal' is causality (causal=True), which agent attention refuses.
+  assert layers.AttentionSpec(variant='agent', mask='causal').causal
   with pytest.raises(ValueError, match='non-causal'):
     nnx.eval_shape(lambda: _lm('agent'))
   with pytest.raises(ValueError, match='causal only'):
