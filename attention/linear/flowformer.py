@@ -41,7 +41,6 @@ feature, d model dim.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -191,25 +190,13 @@ def recurrent_flow_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return jnp.moveaxis(out, 0, 1).astype(out_dtype), final
 
 
-class FlowAttention(nnx.Module):
+class FlowAttention(layers._Projected):  # pylint: disable=protected-access
   """Flow attention layer (Flowformer): q / k / v / output projections only."""
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *,
                causal: bool = False, rngs: nnx.Rngs):
-    for name, val in (('dim', dim), ('num_heads', num_heads),
-                      ('head_dim', head_dim)):
-      if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f'{name} must be a positive int, got {val!r}.')
+    super().__init__(dim, num_heads, head_dim, rngs=rngs)  # wq, wk, wv, wo
     self.causal = _grid.check_bool('causal', causal)
-    init = lambda shape, fan_in, axes: nnx.Param(
-        jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in),
-        logical_axes=axes)
-    axes = ('embed', 'heads', 'head_dim')
-    self.wq = init((dim, num_heads, head_dim), dim, axes)
-    self.wk = init((dim, num_heads, head_dim), dim, axes)
-    self.wv = init((dim, num_heads, head_dim), dim, axes)
-    self.wo = init((num_heads, head_dim, dim), num_heads * head_dim,
-                   ('heads', 'head_dim', 'embed'))
 
   def __call__(self, x: jax.Array, *, initial_state: FlowState | None = None,
                segment_ids: jax.Array | None = None, mode: str = 'chunked',
@@ -220,16 +207,11 @@ class FlowAttention(nnx.Module):
     prefill) or 'recurrent' (decoding; causal only); `initial_state`, `segment_ids`
     need causal=True.
     """
-    if x.ndim != 3 or x.shape[-1] != self.wq.shape[0]:
-      raise ValueError(f'x must have shape [B, T, {self.wq.shape[0]}], got '
-                       f'{tuple(x.shape)}.')
-    if mode not in layers.MODES:
-      raise ValueError(f'mode must be one of {layers.MODES}, got {mode!r}.')
+    self._check_mode(mode)
     if mode == 'recurrent' and not self.causal:
       raise ValueError("mode='recurrent' requires causal=True.")
     dt = x.dtype
-    proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
-    q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)  # [B, T, N, H]
+    q, k, v = self._qkv(x)  # [B, T, N, H]
     kw = dict(initial_state=initial_state, segment_ids=segment_ids)
     if mode == 'recurrent':
       o, state = recurrent_flow_attention(q, k, v, **kw)  # [B, T, N, H]
@@ -237,6 +219,4 @@ class FlowAttention(nnx.Module):
       o, state = flow_attention(q, k, v, causal=self.causal,
                                 chunk_size=chunk_size, return_state=True,
                                 **kw)  # [B, T, N, H]
-    y = jnp.einsum('btnh,nhd->btd', o.astype(dt),
-                   self.wo[...].astype(dt))  # [B, T, D]
-    return (y, state) if return_state else y
+    return self._ret(self._out(o, dt), state, return_state)  # [B, T, D]

@@ -40,7 +40,6 @@ feature, d model dim.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -278,14 +277,7 @@ def inline_local_term(value: jax.Array, kernels: jax.Array,
   return out.reshape(b, t, n, hv).astype(value.dtype)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
-           axes: tuple[str | None, ...]) -> nnx.Param:
-  std = 1.0 / math.sqrt(fan_in)
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
-                   logical_axes=axes)
-
-
-class InLineAttention(nnx.Module):
+class InLineAttention(layers._Projected):  # pylint: disable=protected-access
   """InLine attention layer (Han et al. 2024): projections, the injective linear
   attention and, on a 2D grid, the local term.
 
@@ -298,10 +290,7 @@ class InLineAttention(nnx.Module):
                grid: Sequence[int] | None = None, causal: bool = False,
                local: bool = True, feature_map: FeatureMap = 'identity',
                kernel_size: int = 3, rngs: nnx.Rngs):
-    for name, val in (('dim', dim), ('num_heads', num_heads),
-                      ('head_dim', head_dim)):
-      if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f'{name} must be a positive int, got {val!r}.')
+    super().__init__(dim, num_heads, head_dim, rngs=rngs)  # wq, wk, wv, wo
     _grid.check_bool('causal', causal)
     _grid.check_bool('local', local)
     linear_transformer.feature_map_fn(feature_map)
@@ -313,18 +302,13 @@ class InLineAttention(nnx.Module):
     self.kernel_size = _grid.check_kernel_size('kernel_size', kernel_size)
     self.grid = None if grid is None else tuple(int(g) for g in grid)
     self.causal, self.local, self.feature_map = causal, local, feature_map
-    self.num_heads, self.head_dim = num_heads, head_dim
-    axes = ('embed', 'heads', 'head_dim')
-    self.wq = _param(rngs, (dim, num_heads, head_dim), dim, axes)
-    self.wk = _param(rngs, (dim, num_heads, head_dim), dim, axes)
-    self.wv = _param(rngs, (dim, num_heads, head_dim), dim, axes)
-    self.wo = _param(rngs, (num_heads, head_dim, dim), num_heads * head_dim,
-                     ('heads', 'head_dim', 'embed'))
     if local:
       taps = self.kernel_size ** len(self.grid)
-      self.w_local1 = _param(rngs, (dim, num_heads, head_dim), dim, axes)
-      self.w_local2 = _param(rngs, (num_heads, head_dim, taps * head_dim),
-                             head_dim * taps, ('heads', 'head_dim', None))
+      self.w_local1 = layers._param(  # pylint: disable=protected-access
+          rngs, (dim, num_heads, head_dim), dim, ('embed', 'heads', 'head_dim'))
+      self.w_local2 = layers._param(  # pylint: disable=protected-access
+          rngs, (num_heads, head_dim, taps * head_dim), head_dim * taps,
+          ('heads', 'head_dim', None))
 
   def __call__(self, x: jax.Array, *, initial_state: InLineState | None = None,
                segment_ids: jax.Array | None = None, mode: str = 'chunked',
@@ -335,16 +319,11 @@ class InLineAttention(nnx.Module):
     prefill) or 'recurrent' (decoding; causal only); `initial_state`, `segment_ids`
     need causal=True.
     """
-    if x.ndim != 3 or x.shape[-1] != self.wq.shape[0]:
-      raise ValueError(f'x must have shape [B, T, {self.wq.shape[0]}], got '
-                       f'{tuple(x.shape)}.')
-    if mode not in layers.MODES:
-      raise ValueError(f'mode must be one of {layers.MODES}, got {mode!r}.')
+    self._check_mode(mode)
     if mode == 'recurrent' and not self.causal:
       raise ValueError("mode='recurrent' requires causal=True.")
     dt = x.dtype
-    proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
-    q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)  # [B, T, N, H]
+    q, k, v = self._qkv(x)  # [B, T, N, H]
     kw = dict(feature_map=self.feature_map, initial_state=initial_state,
               segment_ids=segment_ids)
     if mode == 'recurrent':
@@ -364,6 +343,4 @@ class InLineAttention(nnx.Module):
       r = r.reshape(b, n, *ks, h)  # [B, N, *K, H]
       r = jnp.moveaxis(r, 1, -2)  # [B, *K, N, H]
       o = o + inline_local_term(v, r, grid)
-    y = jnp.einsum('btnh,nhd->btd', o.astype(dt),
-                   self.wo[...].astype(dt))  # [B, T, D]
-    return (y, state) if return_state else y
+    return self._ret(self._out(o, dt), state, return_state)  # [B, T, D]
