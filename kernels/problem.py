@@ -45,6 +45,7 @@ import numpy as np
 
 from attention import _checks
 from attention.masks import base as masks_base
+from attention.masks import dynamic as masks_dynamic
 
 ScoreModFn = Callable[..., jax.Array]
 
@@ -236,7 +237,8 @@ def seed_from_key(key: Any) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 
 _ARRAY_FIELDS = ('bias', 'mask', 'sinks', 'q_segment_ids', 'kv_segment_ids',
-                 'dropout_seed', 'score_mod')
+                 'dropout_seed', 'block_mask', 'score_mod')
+_PLAIN_ARRAYS = _ARRAY_FIELDS[:-2]
 _STATIC_FIELDS = ('scale', 'logits_soft_cap', 'mask_obj', 'dropout_rate',
                   'return_residuals', 'shapes')
 
@@ -249,6 +251,9 @@ class AttentionProblem:
     scale: logits scale (float).
     logits_soft_cap: c > 0 for c * tanh(z / c), or None.
     mask_obj: static `attention.masks.Mask` of shape (T, S) (causal included), or None.
+      None whenever `block_mask` is given (it is folded into the block mask's inner).
+    block_mask: traced `attention.masks.DynamicBlockMask` (block lists chosen under
+      jit, with a static inner Mask applied inside the listed blocks), or None.
     score_mod: `ScoreMod` or None (params are traced pytree leaves).
     bias: additive logits broadcastable to [B, N, T, S] (rank 4), or None.
     mask: dense boolean array broadcastable to [B, N, T, S], or None.
@@ -275,15 +280,17 @@ class AttentionProblem:
   dropout_seed: jax.Array | None = None
   return_residuals: bool = False
   shapes: tuple[tuple[int, ...], ...] | None = None
+  block_mask: Any = None  # masks.dynamic.DynamicBlockMask | None
 
   @property
   def static_key(self) -> tuple[Any, ...]:
     mod = None if self.score_mod is None else self.score_mod.static_key
     arrays = tuple(None if getattr(self, f) is None else
                    (tuple(getattr(self, f).shape), str(getattr(self, f).dtype))
-                   for f in _ARRAY_FIELDS[:-1])
+                   for f in _PLAIN_ARRAYS)
+    blocks = None if self.block_mask is None else self.block_mask.static_key
     return (self.scale, self.logits_soft_cap, self.mask_obj, mod, self.dropout_rate,
-            self.return_residuals, self.shapes, arrays)
+            self.return_residuals, self.shapes, arrays, blocks)
 
   def __hash__(self):
     return hash(self.static_key)
@@ -340,13 +347,20 @@ def _normalize_segment_ids(segment_ids, b, t, s):
   return q_seg, kv_seg
 
 
-def _split_masks(mask, t, s, n, target):
-  """(mask_obj, dense mask array) from a Mask, a bool array or a sequence of them."""
+def _split_masks(mask, b, t, s, n, target):
+  """(mask_obj, dense mask array, block mask) from masks or a sequence of them."""
   items = list(mask) if isinstance(mask, (tuple, list)) else [mask]
-  mask_obj, mask_array = None, None
+  mask_obj, mask_array, block_mask = None, None, None
   for i, m in enumerate(items):
     name = 'mask' if len(items) == 1 else f'mask[{i}]'
     if m is None:
+      continue
+    if isinstance(m, masks_dynamic.DynamicBlockMask):
+      if block_mask is not None:
+        raise ValueError(f'{name}: at most one DynamicBlockMask may be given (combine '
+                         'their block matrices with attention.masks.dynamic.union).')
+      m.check(b, n, t, s)
+      block_mask = m
       continue
     if isinstance(m, masks_base.Mask):
       if tuple(m.shape) != (t, s):
@@ -362,7 +376,7 @@ def _split_masks(mask, t, s, n, target):
       raise TypeError(f'{name} must have dtype bool, got {m.dtype}.')
     _checks.check_broadcastable(name, m.shape, target, '[B, N, T, S]')
     mask_array = m if mask_array is None else mask_array & m
-  return mask_obj, mask_array
+  return mask_obj, mask_array, block_mask
 
 
 def _check_dims(b, t, n, h, s, kh, hv) -> None:
@@ -422,10 +436,14 @@ def make_problem(
   if bias is not None:
     _checks.check_array('bias', bias, floating=True)
     _checks.check_broadcastable('bias', bias.shape, target, '[B, N, T, S]')
-  mask_obj, mask_array = _split_masks(mask, t, s, n, target)
+  mask_obj, mask_array, block_mask = _split_masks(mask, b, t, s, n, target)
   if is_causal:
     causal = masks_base.causal(t, s)
     mask_obj = causal if mask_obj is None else mask_obj & causal
+  if block_mask is not None and mask_obj is not None:
+    # One static token mask per problem: inside the listed blocks.
+    inner = mask_obj if block_mask.inner is None else block_mask.inner & mask_obj
+    block_mask, mask_obj = block_mask.replace(inner=inner), None
   if sinks is not None:
     _checks.check_array('sinks', sinks, ndim=1, floating=True)
     _checks.check_equal('sinks', 'length', sinks.shape[0], n, 'query heads')
@@ -455,7 +473,7 @@ def make_problem(
       mask_obj=mask_obj, score_mod=mod, bias=bias, mask=mask_array, sinks=sinks,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg,
       dropout_rate=float(dropout_rate), dropout_seed=seed,
-      return_residuals=bool(return_residuals),
+      return_residuals=bool(return_residuals), block_mask=block_mask,
       shapes=(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
 
 

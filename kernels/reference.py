@@ -24,8 +24,12 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 def combined_mask(*, mask: jax.Array | None = None,
                   mask_obj: masks_base.Mask | None = None,
                   q_segment_ids: jax.Array | None = None,
-                  kv_segment_ids: jax.Array | None = None) -> jax.Array | None:
-  """The boolean visibility, broadcastable to [B, N, T, S], or None (all visible)."""
+                  kv_segment_ids: jax.Array | None = None,
+                  block_mask=None, num_heads: int | None = None) -> jax.Array | None:
+  """The boolean visibility, broadcastable to [B, N, T, S], or None (all visible).
+
+  `block_mask` (a DynamicBlockMask) needs `num_heads`, the query heads N.
+  """
   result = None
 
   def conj(a, b):
@@ -40,6 +44,8 @@ def combined_mask(*, mask: jax.Array | None = None,
   if q_segment_ids is not None:
     seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
     result = conj(result, seg)
+  if block_mask is not None:
+    result = conj(result, block_mask.materialize(num_heads))
   return result
 
 
@@ -100,7 +106,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
     logits = logits + bias.astype(cdt)
   visible = combined_mask(mask=problem.mask, mask_obj=problem.mask_obj,
                           q_segment_ids=problem.q_segment_ids,
-                          kv_segment_ids=problem.kv_segment_ids)
+                          kv_segment_ids=problem.kv_segment_ids,
+                          block_mask=problem.block_mask, num_heads=n)
   if visible is not None:
     logits = jnp.where(visible, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1)  # [B, N, T]

@@ -11,6 +11,12 @@ from attention.masks.base import Or
 from attention.masks.block import BlockMask
 from attention.masks.block import compile_mask
 from attention.masks.block import from_dense
+from attention.masks.dynamic import cumulative_threshold_blocks
+from attention.masks.dynamic import DynamicBlockMask
+from attention.masks.dynamic import from_block_matrix
+from attention.masks.dynamic import from_mask as dynamic_from_mask
+from attention.masks.dynamic import top_k_blocks
+from attention.masks.dynamic import union
 from attention.masks.long_context import moa
 from attention.masks.long_context import MoA
 from attention.masks.long_context import power_attention

@@ -586,6 +586,8 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
   limit; score_mod params 32-bit with power-of-two dims, at most
   `PARAMS_BYTES_LIMIT` bytes, and a mod that lowers (`common.score_mod_reason`).
   """
+  if problem.block_mask is not None:
+    return 'a traced DynamicBlockMask is not supported by this kernel yet'
   if jax.default_backend() != 'gpu':
     return None
   return _hardware_reason(query, key, value, problem, BlockSizes())
@@ -617,6 +619,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.gpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
+  if problem.block_mask is not None:
+    raise ValueError(f'{_NAME}: {unsupported(query, key, value, problem)}.')
   interpret = common.check_interpret(interpret, 'gpu')
   if not interpret:
     reason = _hardware_reason(query, key, value, problem, block_sizes)

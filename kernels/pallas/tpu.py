@@ -660,6 +660,8 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
   must fit `PARAMS_VMEM_BUDGET`, and the scalar tables of the default 128 x 128
   tiles must fit `SMEM_TABLE_BUDGET`.
   """
+  if problem.block_mask is not None:
+    return 'a traced DynamicBlockMask is not supported by this kernel yet'
   if jax.default_backend() != 'tpu':
     return None
   return _hardware_reason(query, key, value, problem, BlockSizes())
@@ -692,6 +694,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
+  if problem.block_mask is not None:
+    raise ValueError(f'{_NAME}: {unsupported(query, key, value, problem)}.')
   interpret = common.check_interpret(interpret, 'tpu')
   cfg, opt = common.configure(
       query, key, value, problem, block_q=block_sizes.block_q,

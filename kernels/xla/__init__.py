@@ -71,6 +71,15 @@ __all__ = ['attention', 'visited_fraction', 'tiling_for', 'bwd_tiling_for',
            'block_sizes_for', 'default_block_sizes']
 
 
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
+                problem: problem_lib.AttentionProblem) -> str | None:
+  """Why this problem cannot run here (None: it can)."""
+  del query, key, value
+  if problem.block_mask is not None:
+    return 'a traced DynamicBlockMask is not supported by the xla path yet'
+  return None
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array,
               problem: problem_lib.AttentionProblem, *,
               block_q: int | None = None, block_kv: int | None = None,
@@ -109,6 +118,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if not isinstance(problem, problem_lib.AttentionProblem):
     raise TypeError('problem must be a kernels.problem.AttentionProblem (built by '
                     f'make_problem), got {type(problem).__name__}.')
+  reason = unsupported(query, key, value, problem)
+  if reason:
+    raise ValueError(f'implementation xla: {reason}.')
   block_q = _check_block_arg('block_q', block_q)
   block_kv = _check_block_arg('block_kv', block_kv)
   kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
