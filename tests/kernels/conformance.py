@@ -23,7 +23,9 @@ dependent masks, random `&`/`|`/`~` programs), GQA/MQA, cross-attention, lengths
 are not multiples of the tiles, bias with -inf keys and -inf rows, every
 `attention.score_mods` mod and plain closures over tables, soft-cap, sinks, segments,
 dropout (the counter-based mask: same key, same result as the reference), float32 and
-bfloat16, decoding (T = 1) and empty rows. A subclass may list features it cannot run
+bfloat16, decoding (T = 1) and empty rows, and traced block masks (`DynamicBlockMask`
+built under jit by top-k, a threshold, a block matrix or a union; per-batch and per-
+head lists, inner causal, empty lists) combined with the features above. A subclass may list features it cannot run
 in `UNSUPPORTED` (feature -> reason); the contract requires none.
 """
 
@@ -59,7 +61,8 @@ ALL_FEATURES = frozenset({
     'mask_object', 'dense_mask', 'head_dependent_mask', 'mask_program', 'gqa', 'mqa',
     'cross_attention', 'padding', 'bias', 'neg_inf_bias', 'score_mod',
     'score_mod_closure', 'soft_cap', 'sinks', 'segments', 'lse', 'dropout',
-    'bfloat16', 'decode', 'empty_rows', 'nan', 'gradients', 'block_options'})
+    'bfloat16', 'decode', 'empty_rows', 'nan', 'gradients', 'block_options',
+    'dynamic_mask'})
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,6 +283,132 @@ def case_nan_propagates() -> Case:
               lse_nan=lse_nan)
 
 
+# ----- traced block masks (attention.masks.DynamicBlockMask) -----
+# The lists are built inside the jitted program from traced aux arrays (scores, block
+# matrices), so every implementation runs them as traced inputs; the golden is the
+# reference, which materialises the equivalent dense mask.
+
+
+def _moba_scores(rng, bm, hm, nq, nk):
+  """Random block scores, -inf for future blocks (MoBA's eligibility)."""
+  scores = rng.normal(size=(bm, hm, nq, nk)).astype(np.float32)
+  future = np.arange(nk)[None, :] > np.arange(nq)[:, None]
+  return np.where(future, -np.inf, scores).astype(np.float32)
+
+
+def case_dynamic_topk_causal_gqa_sinks() -> Case:
+  """MoBA-style top-3 of 6 blocks per (batch, kv head) (Bm=B, Hm=K), causal, sinks."""
+  rng = np.random.default_rng(21)
+  b, t, n, kh, blk = 2, 96, 8, 2, 16
+  floats = _qkv(rng, b, t, t, n, kh)
+  floats['sinks'] = (rng.normal(size=(n,)), 'f32')
+  nq = t // blk
+  diag = np.eye(nq, dtype=bool)[None, None]
+
+  def kwargs(f, a):
+    dyn = masks.top_k_blocks(a['scores'], 3, q_len=t, kv_len=t, block_q=blk,
+                             block_kv=blk, always=a['diag'])
+    return dict(mask=dyn, is_causal=True, sinks=f['sinks'])
+
+  return Case(floats, {'scores': jnp.asarray(_moba_scores(rng, b, kh, nq, nq)),
+                       'diag': jnp.asarray(diag)},
+              kwargs, ('q', 'k', 'v', 'sinks'),
+              frozenset({'dynamic_mask', 'gqa', 'mask_object', 'sinks', 'lse',
+                         'gradients'}))
+
+
+def case_dynamic_blocks_padding_bias_empty() -> Case:
+  """Cross T=45, S=70 (padding), 16 x 32 blocks, Hm=1, an empty row, bias + cap."""
+  rng = np.random.default_rng(22)
+  b, t, s, n, kh = 2, 45, 70, 4, 4
+  floats = _qkv(rng, b, t, s, n, kh, hd=16, hv=16)
+  bias = rng.normal(size=(b, 1, t, s))
+  bias[1, :, :, 60:] = -np.inf
+  floats['bias'] = (bias, 'input')
+  blocks = np.array([[[1, 0, 1], [0, 0, 0], [1, 1, 0]]], bool)[None]  # [1, 1, 3, 3]
+
+  def kwargs(f, a):
+    dyn = masks.from_block_matrix(a['blocks'], q_len=t, kv_len=s, block_q=16,
+                                  block_kv=32, budget=2)
+    return dict(mask=dyn, bias=f['bias'], logits_soft_cap=4.0)
+
+  return Case(floats, {'blocks': jnp.asarray(blocks)}, kwargs,
+              ('q', 'k', 'v', 'bias'),
+              frozenset({'dynamic_mask', 'cross_attention', 'padding', 'bias',
+                         'neg_inf_bias', 'soft_cap', 'empty_rows', 'lse',
+                         'gradients'}))
+
+
+def case_dynamic_per_head_segments_alibi() -> Case:
+  """Per query head lists (Hm=N), cumulative threshold, segments, dense mask, ALiBi."""
+  rng = np.random.default_rng(23)
+  b, t, n, kh, blk = 2, 64, 8, 4, 16
+  floats = _qkv(rng, b, t, t, n, kh, hd=8, hv=16)
+  floats['slopes'] = (score_mods.alibi_slopes(n), 'f32')
+  nq = t // blk
+  mass = rng.random((b, n, nq, nq)).astype(np.float32)
+  mass[0, 2, 1] = 0.0  # no eligible block: an empty row (count 0)
+  seg = np.stack([np.repeat([0, 1], [30, 34]), np.repeat([0, 1, 2], [10, 40, 14])])
+  dense = rng.random((b, 1, t, t)) < 0.8
+
+  def kwargs(f, a):
+    dyn = masks.cumulative_threshold_blocks(a['mass'], 0.6, 3, q_len=t, kv_len=t,
+                                            block_q=blk, block_kv=blk)
+    return dict(mask=(dyn, a['dense']), segment_ids=a['seg'],
+                score_mod=score_mods.alibi(n, slopes=f['slopes']))
+
+  return Case(floats, {'mass': jnp.asarray(mass), 'seg': jnp.asarray(seg, jnp.int32),
+                       'dense': jnp.asarray(dense)},
+              kwargs, ('q', 'k', 'v', 'slopes'),
+              frozenset({'dynamic_mask', 'gqa', 'segments', 'dense_mask', 'score_mod',
+                         'empty_rows', 'lse', 'gradients'}))
+
+
+def case_dynamic_union_window_dropout_mqa() -> Case:
+  """MQA, top-1 per batch (Bm=B, Hm=1) union a sink window, inner causal, dropout."""
+  rng = np.random.default_rng(24)
+  b, t, n, blk = 2, 64, 4, 16
+  floats = _qkv(rng, b, t, t, n, 1)
+  nq = t // blk
+  window = masks.sink_window(t, 4, 20)
+
+  def kwargs(f, a):
+    dyn = masks.top_k_blocks(a['scores'], 1, q_len=t, kv_len=t, block_q=blk,
+                             block_kv=blk)
+    return dict(mask=masks.union(dyn, window), is_causal=True, dropout_rate=0.2,
+                dropout_key=a['key'])
+
+  return Case(floats, {'scores': jnp.asarray(_moba_scores(rng, b, 1, nq, nq)),
+                       'key': jax.random.key(24)},
+              kwargs, ('q', 'k', 'v'),
+              frozenset({'dynamic_mask', 'mqa', 'mask_object', 'dropout', 'lse',
+                         'gradients'}))
+
+
+def case_dynamic_closure_full_budget_decode() -> Case:
+  """Decoding-like T=5 (one q block), S=80, full budget, plain closure score_mod."""
+  rng = np.random.default_rng(25)
+  b, t, s, n, kh = 1, 5, 80, 8, 2
+  floats = _qkv(rng, b, t, s, n, kh, hd=16, hv=8, q_scale=2.0)
+  floats['table'] = (rng.normal(size=(n,)), 'f32')
+  blocks = np.array([[[[1, 1, 0, 1, 1]], [[0, 1, 1, 1, 0]]]], bool)  # [1, 2, 1, 5]
+
+  def kwargs(f, a):
+    tab = f['table']
+    dyn = masks.from_block_matrix(a['blocks'], q_len=t, kv_len=s, block_q=8,
+                                  block_kv=16)
+
+    def mod(score, b, h, q_idx, kv_idx):
+      return score + tab[h] * jnp.cos(0.1 * kv_idx)
+
+    return dict(mask=dyn, score_mod=mod)
+
+  return Case(floats, {'blocks': jnp.asarray(blocks)}, kwargs,
+              ('q', 'k', 'v', 'table'),
+              frozenset({'dynamic_mask', 'decode', 'gqa', 'padding',
+                         'score_mod_closure', 'lse', 'gradients'}))
+
+
 CASES = {
     'gqa_bias_sinks_softcap': case_gqa_bias_sinks_softcap,
     'causal_mqa_segments_dropout': case_causal_mqa_segments_dropout,
@@ -291,11 +420,17 @@ CASES = {
     'decode_compose': case_decode_compose,
     'empty_rows_score_mod': case_empty_rows_score_mod,
     'nan_propagates': case_nan_propagates,
+    'dynamic_topk_causal_gqa_sinks': case_dynamic_topk_causal_gqa_sinks,
+    'dynamic_blocks_padding_bias_empty': case_dynamic_blocks_padding_bias_empty,
+    'dynamic_per_head_segments_alibi': case_dynamic_per_head_segments_alibi,
+    'dynamic_union_window_dropout_mqa': case_dynamic_union_window_dropout_mqa,
+    'dynamic_closure_full_budget_decode': case_dynamic_closure_full_budget_decode,
 }
 # (case, dtype) pairs; bfloat16 on the two broadest cases.
 CASE_DTYPES = [(name, 'float32') for name in CASES] + [
     ('gqa_bias_sinks_softcap', 'bfloat16'),
-    ('causal_mqa_segments_dropout', 'bfloat16')]
+    ('causal_mqa_segments_dropout', 'bfloat16'),
+    ('dynamic_topk_causal_gqa_sinks', 'bfloat16')]
 
 
 # ----------------------------------------------------------------------------------------
