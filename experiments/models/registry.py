@@ -43,6 +43,7 @@ from attention.linear import agent_attention
 from attention.linear import flowformer
 from attention.linear import inline_attention
 from attention.linear import lightnet
+from attention.routing import moba as routing_moba
 
 AuxLosses = dict[str, jax.Array]
 VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
@@ -147,6 +148,10 @@ _VARIANTS: dict[str, VariantFn] = {
     'lightnet': _parameter_free(
         'lightnet', _lightnet(lightnet.lightnet_attention),
         _lightnet(lightnet.naive_lightnet_attention)),
+    # --- routing: MoBA (attention.routing.moba) ---
+    # Causal only; block_size ceil(T / 8), top_k 3 (own block included).
+    'moba': routing_moba.make_registry_variant(top_k=3, num_blocks=8),
+    # --- end routing: MoBA ---
 }
 
 LayerFactory = Callable[..., Any]
