@@ -79,14 +79,14 @@ def check_heads(heads: Any) -> str:
 
 
 def block_mean(x: jax.Array, block: int) -> jax.Array:
-  """float32 [B, n, K, H]: the mean of x [B, T, K, H] over each block of `block`
-  positions (the last block averages only its real positions)."""
+  """[B, n, K, H] (float32 or wider): the mean of x [B, T, K, H] over each block
+  of `block` positions (the last block averages only its real positions)."""
   b, t, kh, h = x.shape
   n = ceil_div(t, block)
-  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  x = jnp.pad(x.astype(jnp.promote_types(x.dtype, jnp.float32)), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
   total = jnp.sum(x.reshape(b, n, block, kh, h), axis=2)  # [B, n, K, H]
   counts = np.minimum(block, t - block * np.arange(n)).astype(np.float32)
-  return total / counts[None, :, None, None]
+  return total / counts[None, :, None, None].astype(total.dtype)
 
 
 def pair_scores(q_blocks: jax.Array, k_blocks: jax.Array, heads: str) -> jax.Array:
@@ -103,3 +103,11 @@ def pair_scores(q_blocks: jax.Array, k_blocks: jax.Array, heads: str) -> jax.Arr
   if heads == 'kv':
     return jnp.sum(s, axis=2)  # [B, K, nq, nk]
   return s.reshape(b, n, nq, k_blocks.shape[1])  # [B, N, nq, nk]
+
+
+def lecun_param(rngs: Any, shape: tuple[int, ...], fan_in: int,
+                logical_axes: tuple[str | None, ...]) -> Any:
+  """An nnx.Param ~ N(0, 1 / fan_in) with logical axis names (as the models use)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  value = jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)
+  return nnx.Param(value, logical_axes=logical_axes)

@@ -44,6 +44,7 @@ from attention.linear import flowformer
 from attention.linear import inline_attention
 from attention.linear import lightnet
 from attention.routing import moba as routing_moba
+from attention.routing import vmoba as routing_vmoba
 
 AuxLosses = dict[str, jax.Array]
 VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
@@ -192,6 +193,14 @@ _LAYERS: dict[str, LayerFactory] = {
         lightnet.LightNetAttention(d, n, h, causal=causal, grid=grid,
                                    rngs=rngs)),
     'gla': _gla,
+    # --- routing: VMoBA (attention.routing.vmoba) ---
+    # One partition per name (the factory is not told the layer index, so a model
+    # cannot cycle 1D/2D/3D by itself); tau 0.25, default_cell block shapes.
+    **{f'vmoba_{p}': _non_causal(
+        f'vmoba_{p}', lambda d, n, h, *, grid, rngs, p=p:
+        routing_vmoba.VMoBAAttention(d, n, h, grid=grid, partition=p, rngs=rngs))
+       for p in routing_vmoba.PARTITIONS},
+    # --- end routing: VMoBA ---
 }
 
 
