@@ -5,7 +5,9 @@ Both kernels (`kernels.pallas.tpu`, `kernels.pallas.gpu`) implement FlashAttenti
 Partitioning") restricted to the active tiles of a compiled `BlockMask`, the same
 block-sparse scheme as JAX's splash attention. This module owns what does not depend
 on the hardware: which mask arrays join the BlockMask and which become bias tiles,
-the static plan (the BlockMask turned into int32 scalar tables), padding and layout,
+the static plan (the BlockMask turned into int32 scalar tables) or, for a traced
+`DynamicBlockMask`, the dynamic plan (traced kv-block lists plus the inner mask's
+static per-tile tables), the table look-ups both kernels share, padding and layout,
 the `custom_vjp` wiring, the per-tile math both kernels share (soft-cap, score_mod and
 its vjp, the dropout multiplier), the parts of the backward pass that are cheap
 elementwise XLA (delta = rowsum(o * do) - dlse, the sink gradient, summing per-program
@@ -27,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.masks import base as masks_base
-from attention.masks import static as masks_static
 from attention.masks import block as masks_block
+from attention.masks import dynamic as masks_dynamic
+from attention.masks import static as masks_static
 from kernels import problem as problem_lib
 from kernels._arrays import pad_axis  # pylint: disable=unused-import (used as common.pad_axis)
 
@@ -142,6 +145,43 @@ class Plan:
     """Bytes of int32 scalar tables one kernel prefetches (the larger direction)."""
     return 4 * max(sum(a.size for a in self.tables(w)) for w in ('kv', 'q'))
 
+  # ----- the interface the kernels use (shared with `DynamicPlan`) -----
+  # `which` is 'kv' (forward, dq: rows are q blocks, steps walk kv blocks) or 'q'
+  # (dk/dv: rows are kv blocks, steps walk q blocks); `t` are the five tables of
+  # `kernel_tables` as refs (scalar-prefetch refs on TPU, whole-array refs on GPU).
+  has_empty = False  # every listed tile is computed
+
+  @property
+  def needs_part(self) -> bool:
+    """Whether a step must read its tile class (bitmap index / FULL / EMPTY)."""
+    return self.has_partial
+
+  def steps(self, which: str) -> int:
+    return getattr(self, f'{which}_indices').shape[-1]
+
+  def kernel_tables(self, which: str, opt) -> list[jax.Array]:
+    del opt
+    return [jnp.asarray(a) for a in self.tables(which)]
+
+  def block(self, which, t, b, n, i, j):
+    """Block index (kv block for 'kv', q block for 'q') of step j of row i."""
+    del which, b
+    return t[1][t[0][n], i, j]
+
+  def count(self, which, t, b, n, i):
+    del which, b
+    return t[2][t[0][n], i]
+
+  def part(self, which, t, b, n, i, j):
+    """Tile class of step j: bitmap index (PARTIAL) or FULL_TILE."""
+    del which, b
+    return t[3][t[0][n], i, j]
+
+  def fetch(self, which, t, b, n, i, j):
+    """Bitmap block a pipelined kernel fetches at step j (see `_forward_fill`)."""
+    del which, b
+    return t[4][t[0][n], i, j]
+
 
 @functools.lru_cache(maxsize=128)
 def make_plan(mask: masks_base.Mask, block_q: int, block_kv: int,
@@ -171,14 +211,209 @@ def make_plan(mask: masks_base.Mask, block_q: int, block_kv: int,
               partial_masks=partial, has_partial=has_partial)
 
 
+# Tile classes in the per-step `part` look-up: >= 0 is a bitmap index (PARTIAL).
+FULL_TILE = -1
+EMPTY_TILE = -2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamicPlan:
+  """Static tables of a call over a traced `DynamicBlockMask` (hashed by identity).
+
+  The kv-block lists are traced inputs (`opt['kv_indices']` [Bm, Hm, nq, A],
+  `opt['kv_counts']` [Bm, Hm, nq]); the dK / dV lists are their transpose, built on
+  device (`DynamicBlockMask.transpose`, [Bm, Hm, nk, Qb]). Query head n of batch b
+  reads list row (b if Bm > 1 else 0, n // (N // Hm)). The inner static mask
+  (token-level, AND the padding) is compiled once at the same tiles into
+  `tile` int32 [U, nq, nk]: the bitmap index of a PARTIAL tile, FULL_TILE or
+  EMPTY_TILE (listed but skipped), looked up per (q block, kv block) in the kernels.
+
+  On TPU the bitmap block each step fetches (`fetch`, forward-filled over FULL /
+  EMPTY / padding steps so no new copy is issued) depends on the traced lists, so it
+  is computed on device per (batch row, fetch row r): r enumerates the distinct
+  (list row, inner head row) pairs of the query heads (`pair_map` [N]).
+  """
+  inner: Plan
+  tile: np.ndarray  # int32 [U, nq, nk]
+  q_len: int
+  kv_len: int
+  mask_batch: int  # Bm
+  mask_heads: int  # Hm
+  budget: int  # A
+  q_budget: int  # Qb
+  pair_map: np.ndarray  # int32 [N]: fetch row of query head n
+  pair_rows: np.ndarray  # int32 [R]: list row (head) of each fetch row
+  pair_units: np.ndarray  # int32 [R]: inner head row of each fetch row
+  has_empty: bool
+
+  # The geometry and bitmaps are the inner plan's.
+  block_q = property(lambda self: self.inner.block_q)
+  block_kv = property(lambda self: self.inner.block_kv)
+  padded_q_len = property(lambda self: self.inner.padded_q_len)
+  padded_kv_len = property(lambda self: self.inner.padded_kv_len)
+  num_heads = property(lambda self: self.inner.num_heads)
+  head_map = property(lambda self: self.inner.head_map)
+  partial_masks = property(lambda self: self.inner.partial_masks)
+  has_partial = property(lambda self: self.inner.has_partial)
+
+  @property
+  def needs_part(self) -> bool:
+    return self.has_partial or self.has_empty
+
+  @property
+  def num_q_blocks(self) -> int:
+    return self.tile.shape[1]
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.tile.shape[2]
+
+  def steps(self, which: str) -> int:
+    return self.budget if which == 'kv' else self.q_budget
+
+  def table_bytes(self) -> int:
+    """Bytes of int32 scalar tables one kernel prefetches (the larger direction)."""
+    rows = {'kv': (self.num_q_blocks, self.budget),
+            'q': (self.num_kv_blocks, self.q_budget)}
+    lists = self.mask_batch * self.mask_heads
+    out = []
+    for nrow, width in rows.values():
+      fetch = (self.mask_batch * len(self.pair_rows) * nrow * width
+               if self.has_partial else 1)
+      out.append(2 * self.num_heads + lists * nrow * (width + 1) + self.tile.size
+                 + fetch)
+    return 4 * max(out)
+
+  def lists(self, which: str, opt) -> tuple[jax.Array, jax.Array]:
+    """(indices, counts) of the direction, int32 (the dK / dV ones transposed)."""
+    idx = opt['kv_indices'].astype(jnp.int32)
+    cnt = opt['kv_counts'].astype(jnp.int32)
+    if which == 'kv':
+      return idx, cnt
+    full = masks_dynamic.DynamicBlockMask(idx, cnt, self.q_len, self.kv_len,
+                                          self.block_q, self.block_kv)
+    return full.transpose(self.q_budget)
+
+  def _fetch(self, which: str, idx: jax.Array, cnt: jax.Array) -> jax.Array:
+    """int32 [Bm, R, rows, width]: the bitmap block to fetch at each step."""
+    tile = self.tile[self.pair_units]  # [R, nq, nk]
+    if which == 'q':
+      tile = tile.transpose(0, 2, 1)  # [R, nk, nq]
+    rows, cnt = idx[:, self.pair_rows], cnt[:, self.pair_rows]  # [Bm, R, rows, .]
+    part = jnp.take_along_axis(
+        jnp.broadcast_to(jnp.asarray(tile)[None], (rows.shape[0],) + tile.shape),
+        rows, axis=-1)  # [Bm, R, rows, width]
+    pos = jnp.arange(rows.shape[-1], dtype=jnp.int32)
+    valid = (pos < cnt[..., None]) & (part >= 0)
+    last = jax.lax.cummax(jnp.where(valid, pos, -1), axis=part.ndim - 1)
+    fetched = jnp.take_along_axis(part, jnp.maximum(last, 0), axis=-1)
+    return jnp.where(last >= 0, fetched, 0).astype(jnp.int32)
+
+  def kernel_tables(self, which: str, opt) -> list[jax.Array]:
+    """[maps (inner head row and fetch row per query head, [2N]), indices, counts,
+    tile, fetch]."""
+    idx, cnt = self.lists(which, opt)
+    maps = np.concatenate([self.head_map, self.pair_map]).astype(np.int32)
+    fetch = (self._fetch(which, idx, cnt) if self.has_partial else
+             jnp.zeros((1, 1, 1, 1), jnp.int32))
+    return [jnp.asarray(maps), idx, cnt, jnp.asarray(self.tile), fetch]
+
+  # ----- look-ups (see `Plan`) -----
+  def _row(self, b, n):
+    bm = b if self.mask_batch > 1 else 0
+    per = self.num_heads // self.mask_heads
+    if self.mask_heads == 1:
+      return bm, 0
+    if per == 1:
+      return bm, n
+    return bm, jax.lax.div(n, jnp.asarray(per, jnp.int32))
+
+  def block(self, which, t, b, n, i, j):
+    del which
+    return t[1][(*self._row(b, n), i, j)]
+
+  def count(self, which, t, b, n, i):
+    del which
+    return t[2][(*self._row(b, n), i)]
+
+  def part(self, which, t, b, n, i, j):
+    """Tile class of step j: bitmap index, FULL_TILE or EMPTY_TILE."""
+    blk = self.block(which, t, b, n, i, j)
+    u = t[0][n]
+    return t[3][u, i, blk] if which == 'kv' else t[3][u, blk, i]
+
+  def fetch(self, which, t, b, n, i, j):
+    del which
+    bm = b if self.mask_batch > 1 else 0
+    return t[4][bm, t[0][self.num_heads + n], i, j]
+
+
+@functools.lru_cache(maxsize=128)
+def make_dynamic_plan(inner: masks_base.Mask, block_q: int, block_kv: int,
+                      num_heads: int, mask_batch: int, mask_heads: int,
+                      budget: int, q_budget: int | None = None) -> DynamicPlan:
+  """The static part of a DynamicBlockMask call (cached): `inner` is the static
+  token mask (the block mask's inner AND a static mask array; `FullMask` if none),
+  compiled at the block mask's tiles; Qb = `q_budget` (default nq)."""
+  plan = make_plan(inner, block_q, block_kv, num_heads)
+  bm = plan.block_mask
+  state = bm.block_state
+  tile = np.where(state == masks_block.EMPTY, EMPTY_TILE,
+                  np.where(state == masks_block.FULL, FULL_TILE,
+                           bm.partial_index)).astype(np.int32)
+  rows = (np.arange(num_heads) // (num_heads // mask_heads)).astype(np.int32)
+  pairs, pair_map = np.unique(np.stack([rows, plan.head_map], 1), axis=0,
+                              return_inverse=True)
+  arrays = dict(tile=np.ascontiguousarray(tile),
+                pair_map=np.asarray(pair_map, np.int32).reshape(-1),
+                pair_rows=np.ascontiguousarray(pairs[:, 0], np.int32),
+                pair_units=np.ascontiguousarray(pairs[:, 1], np.int32))
+  for a in arrays.values():
+    a.setflags(write=False)
+  t, s = inner.shape
+  return DynamicPlan(
+      inner=plan, q_len=t, kv_len=s, mask_batch=mask_batch,
+      mask_heads=mask_heads, budget=budget,
+      q_budget=bm.num_q_blocks if q_budget is None else q_budget,
+      has_empty=bool(np.any(state == masks_block.EMPTY)), **arrays)
+
+
+def plan_for(problem: problem_lib.AttentionProblem, t: int, s: int, n: int,
+             block_q: int, block_kv: int) -> Plan | DynamicPlan:
+  """The plan of a problem: static BlockMask tables, or a DynamicPlan whose tiles
+  are the DynamicBlockMask's (block_q / block_kv are then ignored)."""
+  dyn = problem.block_mask
+  if dyn is None:
+    return make_plan(effective_mask(problem.mask_obj, problem.mask, t, s, n),
+                     block_q, block_kv, n)
+  return make_dynamic_plan(effective_mask(dyn.inner, problem.mask, t, s, n),
+                           dyn.block_q, dyn.block_kv, n, dyn.batch,
+                           dyn.num_heads, dyn.budget)
+
+
+def check_dynamic_block_sizes(problem: problem_lib.AttentionProblem,
+                              block_sizes: Any, name: str) -> None:
+  """Raises ValueError when `block_sizes` disagree with the DynamicBlockMask's."""
+  dyn = problem.block_mask
+  if dyn is None or block_sizes is None:
+    return
+  got = (block_sizes.block_q, block_sizes.block_kv)
+  if got != (dyn.block_q, dyn.block_kv):
+    raise ValueError(
+        f'{name}: block_sizes (block_q, block_kv) must equal the DynamicBlockMask '
+        f'blocks {(dyn.block_q, dyn.block_kv)} (the kernels tile by the mask\'s '
+        f'blocks), got {got}; pass block_sizes=None.')
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything static about one call (a `custom_vjp` non-differentiable argument).
 
-  Hashed by value (the Plan by identity; `make_plan` is cached), so repeated calls
-  with the same mask, shapes and options reuse the compiled kernels.
+  Hashed by value (the Plan by identity; `make_plan` / `make_dynamic_plan` are
+  cached), so repeated calls with the same mask, shapes and options reuse the
+  compiled kernels (a DynamicBlockMask's new lists do not recompile).
   """
-  plan: Plan
+  plan: Plan | DynamicPlan
   scale: float
   soft_cap: float | None
   num_kv_heads: int
@@ -317,7 +552,8 @@ def make_flash(forward: ForwardFn, backward: BackwardFn):
   The returned f(cfg, q, k, v, opt) -> (out, lse) works on padded, head-major inputs;
   `opt` is a dict of the optional inputs: bias [Bb, Nb, Tb, Sp] (Bb in {1, B}, Nb in
   {1, N}, Tb in {1, Tp}), sinks [N], q_seg [B, Tp], kv_seg [B, Sp], seed int32[2]
-  (the bitcast dropout seed) and params (tuple of score_mod leaves, kernel shapes).
+  (the bitcast dropout seed), params (tuple of score_mod leaves, kernel shapes)
+  and a DynamicBlockMask's kv_indices / kv_counts (integer: zero cotangents).
   The backward pass folds the lse cotangent into
   delta_i = rowsum(o_i * do_i) - dlse_i (FlashAttention-2, Alg. 2), so
   dS = P * (dP - delta) covers both (with dropout, o is the dropped output, as
@@ -420,12 +656,16 @@ def configure(query: jax.Array, key: jax.Array, value: jax.Array,
               problem: problem_lib.AttentionProblem, *, block_q: int,
               block_kv: int, interpret: bool,
               extra: Any = None) -> tuple[Config, dict[str, Any]]:
-  """The static Config of one call and its optional inputs (see `make_flash`)."""
+  """The static Config of one call and its optional inputs (see `make_flash`).
+
+  With a DynamicBlockMask the tiles are the mask's (`block_q` / `block_kv` are
+  ignored; callers check them with `check_dynamic_block_sizes`) and `opt` carries
+  its traced lists.
+  """
   del value
   b, t, n, _ = query.shape
   s, kh = key.shape[1], key.shape[2]
-  plan = make_plan(effective_mask(problem.mask_obj, problem.mask, t, s, n),
-                   block_q, block_kv, n)
+  plan = plan_for(problem, t, s, n, block_q, block_kv)
   bias = logits_bias(problem.bias, problem.mask, (b, n, t, s))
   mod, leaves, shapes = None, (), ()
   if problem.score_mod is not None:
@@ -442,9 +682,12 @@ def configure(query: jax.Array, key: jax.Array, value: jax.Array,
       bias_rows=bias is None or bias.shape[2] > 1,
       mod=mod, param_shapes=shapes, dropout_rate=float(problem.dropout_rate),
       extra=extra)
+  dyn = problem.block_mask
   opt = dict(bias=bias, sinks=problem.sinks, q_seg=problem.q_segment_ids,
              kv_seg=problem.kv_segment_ids, seed=problem.dropout_seed,
-             params=leaves)
+             params=leaves,
+             kv_indices=None if dyn is None else dyn.kv_indices,
+             kv_counts=None if dyn is None else dyn.kv_counts)
   return cfg, opt
 
 

@@ -100,25 +100,37 @@ def _tile_visibility(part, pm_ref, bq, q_ids, kv_ids, masked):
   return vis
 
 
-def _kv_tile(j, u, i, bk, idx_ref, part_ref, k_ref, v_ref, kv_seg_ref):
-  """Step j of row (u, i): bitmap index and the listed k / v / segment-id tile."""
-  part = part_ref[u, i, j]
-  start = pl.multiple_of(idx_ref[u, i, j] * bk, bk)
+def _kv_tile(cfg, tabs, b, n, i, j, bk, k_ref, v_ref, kv_seg_ref):
+  """Step j of row i: tile class and the listed k / v / segment-id tile."""
+  plan = cfg.plan
+  part = plan.part('kv', tabs, b, n, i, j) if plan.needs_part else None
+  start = pl.multiple_of(plan.block('kv', tabs, b, n, i, j) * bk, bk)
   kv_ids = None if kv_seg_ref is None else kv_seg_ref[pl.ds(start, bk)]
   return (part, start, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :],
           kv_ids)
 
 
 def _branch(cfg, part, masked_fn, full_fn, carry):
-  """FULL tiles skip the bitmap; PARTIAL tiles read it."""
-  if not cfg.plan.has_partial:
+  """FULL tiles skip the bitmap; PARTIAL tiles read it; EMPTY tiles (an inner
+  mask hiding a listed block of a DynamicBlockMask) leave the carry unchanged."""
+  plan = cfg.plan
+  if not plan.needs_part:
     return full_fn(carry)
-  return lax.cond(part >= 0, masked_fn, full_fn, carry)
+  run = full_fn
+  if plan.has_partial:
+    run = lambda c: lax.cond(part >= 0, masked_fn, full_fn, c)
+  if not plan.has_empty:
+    return run(carry)
+  return lax.cond(part >= common.FULL_TILE, run, lambda c: c, carry)
 
 
-def _tables(plan: common.Plan, which: str):
-  """[head_map, indices, counts, part] and the int8 bitmaps [P * bq, bk]."""
-  arrays = [jnp.asarray(a) for a in plan.tables(which)[:4]]
+_NUM_TABLES = 4  # (head_map | maps), indices, counts, (part | tile)
+
+
+def _tables(plan, which: str, opt):
+  """The plan's look-up tables (whole-array int32 inputs) and the int8 bitmaps
+  [P * bq, bk]."""
+  arrays = plan.kernel_tables(which, opt)[:_NUM_TABLES]
   pm = plan.partial_masks.astype(np.int8)
   arrays.append(jnp.asarray(pm.reshape(-1, pm.shape[-1])))
   return arrays, [_whole(a.shape) for a in arrays]
@@ -161,12 +173,12 @@ def _logits(cfg, q, k, leaves, ids):
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
-                k_ref, v_ref, *refs, cfg: common.Config, bq: int, bk: int):
+def _fwd_kernel(*refs, cfg: common.Config, bq: int, bk: int):
+  tabs, pm_ref = refs[:_NUM_TABLES], refs[_NUM_TABLES]
+  q_ref, k_ref, v_ref = refs[_NUM_TABLES + 1:_NUM_TABLES + 4]
   opt, (o_ref, lse_ref) = common.unpack_refs(
-      refs, cfg, ('seg', 'bias', 'sinks', 'seed', 'params'))
+      refs[_NUM_TABLES + 4:], cfg, ('seg', 'bias', 'sinks', 'seed', 'params'))
   b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  u = hm_ref[n]
   q = q_ref[...]
   q_ids = None if opt['q_seg'] is None else opt['q_seg'][...]
   leaves = common.read_params(cfg, opt['params'])
@@ -181,8 +193,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   acc0 = jnp.zeros((bq, hv), jnp.float32)
 
   def body(j, carry):
-    part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
-                                         k_ref, v_ref, opt['kv_seg'])
+    part, start, k, v, kv_ids = _kv_tile(cfg, tabs, b, n, i, j, bk, k_ref,
+                                         v_ref, opt['kv_seg'])
     ids = _tile_ids(cfg, b, n, i * bq, start, bq, bk)
 
     def update(masked, carry):
@@ -207,7 +219,8 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
     return _branch(cfg, part, functools.partial(update, True),
                    functools.partial(update, False), carry)
 
-  acc, m, l = lax.fori_loop(0, kv_cnt_ref[u, i], body, (acc0, m0, l0))
+  count = cfg.plan.count('kv', tabs, b, n, i)
+  acc, m, l = lax.fori_loop(0, count, body, (acc0, m0, l0))
   inv, lse = common.safe_normalize(l, m)
   o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -219,7 +232,7 @@ def _forward(cfg: common.Config, q, k, v, opt):
   b, n, tp, h = q.shape
   sp, hv = k.shape[2], v.shape[-1]
   g = cfg.group
-  args, in_specs = _tables(plan, 'kv')
+  args, in_specs = _tables(plan, 'kv', opt)
   q_map = lambda bi, ni, i: (bi, ni, i, 0)
   kv_map = lambda bi, ni, i: (bi, common.kv_head(ni, g), 0, 0)
   in_specs += [pl.BlockSpec((None, None, bq, h), q_map),
@@ -252,17 +265,18 @@ def _forward(cfg: common.Config, q, k, v, opt):
 # ------------------------------------------------------------------ backward: dq
 
 
-def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
-               k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
-               cfg: common.Config, bq: int, bk: int):
-  opt, refs = common.unpack_refs(refs, cfg, ('seg', 'bias', 'seed', 'params'))
+def _dq_kernel(*refs, cfg: common.Config, bq: int, bk: int):
+  tabs, pm_ref = refs[:_NUM_TABLES], refs[_NUM_TABLES]
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[_NUM_TABLES + 1:
+                                                      _NUM_TABLES + 7]
+  opt, refs = common.unpack_refs(refs[_NUM_TABLES + 7:], cfg,
+                                 ('seg', 'bias', 'seed', 'params'))
   refs = refs[1:] if cfg.has_bias else refs  # the aliased zeros input
   dq_ref, refs = refs[0], refs[1:]
   dbias_ref, dparam_refs = ((refs[0], refs[1:]) if cfg.has_bias else
                             (None, refs))
   floats = common.float_param_indices(cfg)
   b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  u = hm_ref[n]
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
@@ -271,8 +285,8 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   leaves = common.read_params(cfg, opt['params'])
 
   def body(j, carry):
-    part, start, k, v, kv_ids = _kv_tile(j, u, i, bk, kv_idx_ref, kv_part_ref,
-                                         k_ref, v_ref, opt['kv_seg'])
+    part, start, k, v, kv_ids = _kv_tile(cfg, tabs, b, n, i, j, bk, k_ref,
+                                         v_ref, opt['kv_seg'])
     ids = _tile_ids(cfg, b, n, i * bq, start, bq, bk)
 
     def update(masked, carry):
@@ -304,7 +318,8 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, pm_ref, q_ref,
   init = (jnp.zeros(q.shape, jnp.float32),
           tuple(jnp.zeros(cfg.param_shapes[idx][0], jnp.float32)
                 for idx in floats))
-  dq, dparams = lax.fori_loop(0, kv_cnt_ref[u, i], body, init)
+  count = cfg.plan.count('kv', tabs, b, n, i)
+  dq, dparams = lax.fori_loop(0, count, body, init)
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
   for r, d in zip(dparam_refs, dparams):  # this program's own slice
     r[...] = d.reshape(r.shape)
@@ -317,7 +332,7 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
   sp, hv = k.shape[2], v.shape[-1]
   nq = tp // bq
   g = cfg.group
-  args, in_specs = _tables(plan, 'kv')
+  args, in_specs = _tables(plan, 'kv', opt)
   q_map = lambda bi, ni, i: (bi, ni, i, 0)
   row_map = lambda bi, ni, i: (bi, ni, i)
   kv_map = lambda bi, ni, i: (bi, common.kv_head(ni, g), 0, 0)
@@ -382,11 +397,13 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
 # ------------------------------------------------------------------ backward: dk, dv
 
 
-def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
-                v_ref, lse_ref, di_ref, do_ref, *refs, cfg: common.Config,
-                bq: int, bk: int):
+def _dkv_kernel(*refs, cfg: common.Config, bq: int, bk: int):
+  tabs, pm_ref = refs[:_NUM_TABLES], refs[_NUM_TABLES]
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[_NUM_TABLES + 1:
+                                                      _NUM_TABLES + 7]
   opt, (dk_ref, dv_ref) = common.unpack_refs(
-      refs, cfg, ('seg', 'bias', 'seed', 'params'))
+      refs[_NUM_TABLES + 7:], cfg, ('seg', 'bias', 'seed', 'params'))
+  plan = cfg.plan
   b, kh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k = k_ref[...]
   v = v_ref[...]
@@ -395,12 +412,11 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
 
   def head(gi, carry):
     n = kh * cfg.group + gi
-    u = hm_ref[n]
     bias_head = n if cfg.bias_heads else 0
 
     def body(j, carry):
-      qb = q_idx_ref[u, kb, j]
-      part = q_part_ref[u, kb, j]
+      qb = plan.block('q', tabs, b, n, kb, j)
+      part = plan.part('q', tabs, b, n, kb, j) if plan.needs_part else None
       start = pl.multiple_of(qb * bq, bq)
       q = q_ref[gi, pl.ds(start, bq), :]
       do = do_ref[gi, pl.ds(start, bq), :]
@@ -433,7 +449,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, pm_ref, q_ref, k_ref,
       return _branch(cfg, part, functools.partial(update, True),
                      functools.partial(update, False), carry)
 
-    return lax.fori_loop(0, q_cnt_ref[u, kb], body, carry)
+    return lax.fori_loop(0, plan.count('q', tabs, b, n, kb), body, carry)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = lax.fori_loop(0, cfg.group, head, init)
@@ -447,7 +463,7 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
   b, n, tp, h = q.shape
   kh_count, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
   g = cfg.group
-  args, in_specs = _tables(plan, 'q')
+  args, in_specs = _tables(plan, 'q', opt)
   group_map = lambda bi, kh, kb: (bi, kh, 0, 0)  # block of G query heads
   kv_map = lambda bi, kh, kb: (bi, kh, kb, 0)
   in_specs += [pl.BlockSpec((None, g, tp, h), group_map),
@@ -532,8 +548,26 @@ def shared_memory_bytes(sizes: BlockSizes, head_dim: int, value_dim: int,
   return (max(fwd, dkv) + 2 * bq * bk) * itemsize
 
 
+def _dynamic_sizes(problem, sizes: BlockSizes | None) -> BlockSizes | str:
+  """The tiles of a DynamicBlockMask problem as BlockSizes (its blocks, the launch
+  parameters of `sizes`), or why Triton cannot take them."""
+  dyn = problem.block_mask
+  for name in ('block_q', 'block_kv'):
+    size = getattr(dyn, name)
+    if size < MIN_BLOCK or size & (size - 1):
+      return (f'{name}={size} of the DynamicBlockMask (its blocks are the kernel '
+              f'tiles) is not a power of two >= {MIN_BLOCK} (tl.dot); other '
+              'tiles run in interpret mode only')
+  sizes = sizes or BlockSizes()
+  return dataclasses.replace(sizes, block_q=dyn.block_q, block_kv=dyn.block_kv)
+
+
 def _hardware_reason(query, key, value, problem, sizes: BlockSizes) -> str | None:
   """Why these inputs cannot compile with Triton (None: they can)."""
+  if problem.block_mask is not None:
+    sizes = _dynamic_sizes(problem, sizes)
+    if isinstance(sizes, str):
+      return sizes
   for name, x in (('query', query), ('key', key), ('value', value),
                   ('bias', problem.bias)):
     if x is not None and x.dtype not in _TRITON_DTYPES:
@@ -585,9 +619,9 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
   (`shared_memory_bytes`) within `SHARED_MEMORY_LIMIT`; grid dims within the CUDA
   limit; score_mod params 32-bit with power-of-two dims, at most
   `PARAMS_BYTES_LIMIT` bytes, and a mod that lowers (`common.score_mod_reason`).
+  A DynamicBlockMask's blocks are the tiles: powers of two >= 16, and the same
+  shared-memory estimate at those tiles.
   """
-  if problem.block_mask is not None:
-    return 'a traced DynamicBlockMask is not supported by this kernel yet'
   if jax.default_backend() != 'gpu':
     return None
   return _hardware_reason(query, key, value, problem, BlockSizes())
@@ -599,28 +633,35 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
   """Block-sparse flash attention on GPU for a `kernels.problem.AttentionProblem`.
 
   Every feature of the contract is supported: the static mask (mask_obj AND a
-  concrete batch-independent `mask` array) drives the block lists; `bias` and any
-  other `mask` array are added to the logits tile by tile; score_mod, dropout, sinks,
-  segments, soft-cap run per tile in all three kernels.
+  concrete batch-independent `mask` array) drives the block lists, or a traced
+  `DynamicBlockMask` (`problem.block_mask`) does: its int32 kv-block lists are kernel
+  inputs and each program loops over its row's count (a dynamic `fori_loop` bound),
+  its inner static mask is looked up per tile (FULL: no mask work, PARTIAL:
+  bitmap, EMPTY: skipped), and the dK / dV kernel loops over the transposed lists
+  built on device; `bias` and any other `mask` array are added to the logits tile
+  by tile; score_mod, dropout, sinks, segments, soft-cap run per tile in all three
+  kernels.
 
   Args:
     query, key, value, problem: see `kernels.problem` (validated by the API).
-    block_sizes: tiles and launch parameters, default 64 x 64.
+    block_sizes: tiles and launch parameters, default 64 x 64. With a
+      DynamicBlockMask the tiles are its blocks: leave None (default launch
+      parameters) or pass equal block sizes.
     interpret: run the Pallas interpreter; default True unless the backend is GPU.
 
   Returns:
     out [B, T, N, H_v] (and lse [B, N, T] float32 with `problem.return_residuals`).
 
   Raises:
-    ValueError: when compiling for a GPU (interpret=False) what `unsupported` names.
+    ValueError: when compiling for a GPU (interpret=False) what `unsupported` names;
+      block_sizes that disagree with a DynamicBlockMask's blocks.
   """
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  if not isinstance(block_sizes, BlockSizes):
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.gpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
-  if problem.block_mask is not None:
-    raise ValueError(f'{_NAME}: {unsupported(query, key, value, problem)}.')
+  common.check_dynamic_block_sizes(problem, block_sizes, _NAME)
+  if block_sizes is None:
+    block_sizes = BlockSizes()
   interpret = common.check_interpret(interpret, 'gpu')
   if not interpret:
     reason = _hardware_reason(query, key, value, problem, block_sizes)

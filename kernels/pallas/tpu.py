@@ -78,18 +78,38 @@ def _visible(masked: bool, mask_ref, q_ids, kv_ids):
 
 # ------------------------------------------------------------------ shared pieces
 
-_NUM_TABLES = 5  # scalar-prefetched: head_map, indices, counts, part, fetch
+# Scalar-prefetched tables (`Plan.kernel_tables` / `DynamicPlan.kernel_tables`):
+# static: head_map, indices, counts, part, fetch; dynamic: maps, indices, counts,
+# tile, fetch. Index maps and kernels read them through the plan's look-ups.
+_NUM_TABLES = 5
 
 
-def _run_steps(run, part_ref, step):
-  """Active steps: FULL tiles run `step(False)` (no mask work), PARTIAL `step(True)`."""
-  if part_ref is None:
+def _run_steps(plan, run, part, step):
+  """Runs `step` on the active steps; returns whether this step runs.
+
+  `run` is j < count; `part` the step's tile class (None: every tile FULL). FULL
+  tiles run `step(False)` (no mask work), PARTIAL tiles `step(True)`, EMPTY tiles
+  (an inner mask hiding a listed block of a DynamicBlockMask) are skipped.
+  """
+  if part is None:
     pl.when(run)(lambda: step(False))
-    return
-  is_partial = part_ref >= 0
+    return run
+  if plan.has_empty:
+    run = jnp.logical_and(run, part >= common.FULL_TILE)
+  if not plan.has_partial:
+    pl.when(run)(lambda: step(False))
+    return run
+  is_partial = part >= 0
   pl.when(jnp.logical_and(run, jnp.logical_not(is_partial)))(
       lambda: step(False))
   pl.when(jnp.logical_and(run, is_partial))(lambda: step(True))
+  return run
+
+
+def _step_class(plan, which, tabs, b, n, i, j):
+  """(j < count, tile class or None) of step j of row i."""
+  part = plan.part(which, tabs, b, n, i, j) if plan.needs_part else None
+  return j < plan.count(which, tabs, b, n, i), part
 
 
 def _tile_ids(cfg: common.Config, b, n, q0, kv0, shape, q_axis: int):
@@ -115,24 +135,23 @@ def _bias_tile(cfg: common.Config, bias_ref):
 
 def _row_specs(cfg: common.Config, bq: int, bk: int):
   """Specs of the optional per-tile inputs of the forward / dq kernels."""
-  def kv_block(ni, i, j, hm, idx):
-    return idx[hm[ni], i, j]
+  kv_block = functools.partial(cfg.plan.block, 'kv')
 
   specs = []
   if cfg.has_segments:
     specs += [
         pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
         pl.BlockSpec((None, NUM_SUBLANES, bk),
-                     lambda bi, ni, i, j, hm, idx, *_: (
-                         bi, 0, kv_block(ni, i, j, hm, idx))),
+                     lambda bi, ni, i, j, *tabs: (
+                         bi, 0, kv_block(tabs, bi, ni, i, j))),
     ]
   if cfg.has_bias:
     rows = bq if cfg.bias_rows else 1
     specs.append(pl.BlockSpec(
         (None, None, rows, bk),
-        lambda bi, ni, i, j, hm, idx, *_: (
+        lambda bi, ni, i, j, *tabs: (
             *cfg.bias_index(bi, ni), i if cfg.bias_rows else 0,
-            kv_block(ni, i, j, hm, idx))))
+            kv_block(tabs, bi, ni, i, j))))
   return specs
 
 
@@ -153,23 +172,22 @@ def _extra_inputs(cfg: common.Config, opt):
   return specs, args
 
 
-def _tables(plan: common.Plan, which: str):
-  return [jnp.asarray(a) for a in plan.tables(which)]
+def _tables(plan, which: str, opt):
+  return plan.kernel_tables(which, opt)
 
 
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
-                q_ref, k_ref, v_ref, *refs, cfg: common.Config, bq: int,
-                bk: int, steps: int):
-  del kv_fetch_ref
+def _fwd_kernel(*refs, cfg: common.Config, bq: int, bk: int, steps: int):
+  tabs, (q_ref, k_ref, v_ref) = refs[:_NUM_TABLES], refs[_NUM_TABLES:_NUM_TABLES + 3]
   opt, refs = common.unpack_refs(
-      refs, cfg, ('seg', 'bias', 'sinks', 'seed', 'params', 'mask'))
+      refs[_NUM_TABLES + 3:], cfg,
+      ('seg', 'bias', 'sinks', 'seed', 'params', 'mask'))
   o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  plan = cfg.plan
   b, n, i, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                 pl.program_id(3))
-  u = hm_ref[n]
   hv = acc_ref.shape[-1]
 
   @pl.when(j == 0)
@@ -184,7 +202,7 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
       l_ref[...] = jnp.zeros_like(l_ref)
 
   def step(masked: bool):
-    ids = _tile_ids(cfg, b, n, i, kv_idx_ref[u, i, j], (bq, bk), 0)
+    ids = _tile_ids(cfg, b, n, i, plan.block('kv', tabs, b, n, i, j), (bq, bk), 0)
     s = lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
                         preferred_element_type=jnp.float32) * cfg.scale
     s, _, _ = common.tile_logits(cfg, s, common.read_params(cfg, opt['params']),
@@ -213,8 +231,7 @@ def _fwd_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
                          preferred_element_type=jnp.float32)  # [bq, Hv]
     acc_ref[...] = _lanes(alpha, hv) * acc_ref[...] + pv
 
-  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
-  _run_steps(j < kv_cnt_ref[u, i], part, step)
+  _run_steps(plan, *_step_class(plan, 'kv', tabs, b, n, i, j), step)
 
   @pl.when(j == steps - 1)
   def _finish():
@@ -241,15 +258,15 @@ def _row_args(cfg, opt):
   return args
 
 
-def _kv_maps(g):
+def _kv_maps(plan, g):
   def q_map(bi, ni, i, j, *_):
     return bi, ni, i, 0
 
-  def kv_map(bi, ni, i, j, hm, idx, *_):
-    return bi, common.kv_head(ni, g), idx[hm[ni], i, j], 0
+  def kv_map(bi, ni, i, j, *tabs):
+    return bi, common.kv_head(ni, g), plan.block('kv', tabs, bi, ni, i, j), 0
 
-  def fetch_map(bi, ni, i, j, hm, idx, cnt, part, fetch):
-    return fetch[hm[ni], i, j], 0, 0
+  def fetch_map(bi, ni, i, j, *tabs):
+    return plan.fetch('kv', tabs, bi, ni, i, j), 0, 0
 
   return q_map, kv_map, fetch_map
 
@@ -259,8 +276,8 @@ def _forward(cfg: common.Config, q, k, v, opt):
   bq, bk = plan.block_q, plan.block_kv
   b, n, tp, h = q.shape
   hv = v.shape[-1]
-  steps = plan.kv_indices.shape[-1]
-  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
+  steps = plan.steps('kv')
+  q_map, kv_map, fetch_map = _kv_maps(plan, cfg.group)
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
               pl.BlockSpec((None, None, bk, h), kv_map),
               pl.BlockSpec((None, None, bk, hv), kv_map)]
@@ -293,28 +310,27 @@ def _forward(cfg: common.Config, q, k, v, opt):
                  jax.ShapeDtypeStruct((b, n, tp, NUM_LANES), jnp.float32)],
       interpret=cfg.interpret,
       name='block_sparse_flash_fwd',
-  )(*_tables(plan, 'kv'), *args)
+  )(*_tables(plan, 'kv', opt), *args)
   return out, lse[..., 0]
 
 
 # ------------------------------------------------------------------ backward: dq
 
 
-def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
-               q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
-               cfg: common.Config, bq: int, bk: int, steps: int):
-  del kv_fetch_ref
-  opt, refs = common.unpack_refs(refs, cfg,
+def _dq_kernel(*refs, cfg: common.Config, bq: int, bk: int, steps: int):
+  tabs = refs[:_NUM_TABLES]
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[_NUM_TABLES:_NUM_TABLES + 6]
+  opt, refs = common.unpack_refs(refs[_NUM_TABLES + 6:], cfg,
                                  ('seg', 'bias', 'seed', 'params', 'mask'))
   refs = refs[1:] if cfg.has_bias else refs  # the aliased zeros input
   dq_ref, refs = refs[0], refs[1:]
   dbias_ref, refs = (refs[0], refs[1:]) if cfg.has_bias else (None, refs)
   floats = common.float_param_indices(cfg)
   dparam_refs, (acc_ref,) = refs[:len(floats)], refs[len(floats):]
+  plan = cfg.plan
   b, n, i, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                 pl.program_id(3))
-  u = hm_ref[n]
-  count = kv_cnt_ref[u, i]
+  listed, part = _step_class(plan, 'kv', tabs, b, n, i, j)
 
   @pl.when(j == 0)
   def _init():
@@ -324,7 +340,7 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
 
   def step(masked: bool):
     k = k_ref[...]
-    kb = kv_idx_ref[u, i, j]
+    kb = plan.block('kv', tabs, b, n, i, j)
     ids = _tile_ids(cfg, b, n, i, kb, (bq, bk), 0)
     leaves = common.read_params(cfg, opt['params'])
     s = lax.dot_general(q_ref[...], k, NT_DIMS,
@@ -358,12 +374,15 @@ def _dq_kernel(hm_ref, kv_idx_ref, kv_cnt_ref, kv_part_ref, kv_fetch_ref,
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
                                     preferred_element_type=jnp.float32)
 
-  part = kv_part_ref[u, i, j] if opt['mask'] is not None else None
-  _run_steps(j < count, part, step)
+  ran = _run_steps(plan, listed, part, step)
   if dbias_ref is not None:
-    # A q block with no active tile still visits block (i, 0) once: zero it.
-    @pl.when(count == 0)
-    def _empty_row():
+    # A visited d-bias block no step writes is zeroed: the block (i, 0) of a q
+    # block with no active tile, and listed tiles the inner mask makes EMPTY (a
+    # DynamicBlockMask). Padding steps re-visit the last block: left alone.
+    empty_row = plan.count('kv', tabs, b, n, i) == 0
+    @pl.when(jnp.logical_and(jnp.logical_not(ran),
+                             jnp.logical_or(listed, empty_row)))
+    def _unwritten():
       dbias_ref[...] = jnp.zeros_like(dbias_ref)
 
   @pl.when(j == steps - 1)
@@ -377,8 +396,8 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
   b, n, tp, h = q.shape
   sp, hv = k.shape[2], v.shape[-1]
   nq = tp // bq
-  steps = plan.kv_indices.shape[-1]
-  q_map, kv_map, fetch_map = _kv_maps(cfg.group)
+  steps = plan.steps('kv')
+  q_map, kv_map, fetch_map = _kv_maps(plan, cfg.group)
   lanes = lambda x: lax.broadcast_in_dim(x, x.shape + (NUM_LANES,), (0, 1, 2))
   in_specs = [pl.BlockSpec((None, None, bq, h), q_map),
               pl.BlockSpec((None, None, bk, h), kv_map),
@@ -405,12 +424,13 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
       shape = (b, n, tp, sp)
       spec = pl.BlockSpec(
           (None, None, bq, bk),
-          lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, idx[hm[ni], i, j]))
+          lambda bi, ni, i, j, *tabs: (bi, ni, i, plan.block('kv', tabs, bi, ni, i, j)))
     else:
       shape = (b, n, nq, NUM_SUBLANES, sp)
       spec = pl.BlockSpec(
           (None, None, None, NUM_SUBLANES, bk),
-          lambda bi, ni, i, j, hm, idx, *_: (bi, ni, i, 0, idx[hm[ni], i, j]))
+          lambda bi, ni, i, j, *tabs: (bi, ni, i, 0,
+                                    plan.block('kv', tabs, bi, ni, i, j)))
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
     aliases = {_NUM_TABLES + len(args): 1}
     args.append(jnp.zeros(shape, jnp.float32))
@@ -438,7 +458,7 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
       input_output_aliases=aliases,
       interpret=cfg.interpret,
       name='block_sparse_flash_dq',
-  )(*_tables(plan, 'kv'), *args)
+  )(*_tables(plan, 'kv', opt), *args)
   outs = list(outs)
   dq = outs.pop(0)
   dbias = None
@@ -453,17 +473,16 @@ def _dq(cfg: common.Config, q, k, v, opt, lse, di, do):
 # ------------------------------------------------------------------ backward: dk, dv
 
 
-def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
-                k_ref, v_ref, lse_ref, di_ref, do_ref, *refs,
-                cfg: common.Config, bq: int, bk: int, steps: int):
-  del q_fetch_ref
-  opt, refs = common.unpack_refs(refs, cfg,
+def _dkv_kernel(*refs, cfg: common.Config, bq: int, bk: int, steps: int):
+  tabs = refs[:_NUM_TABLES]
+  q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref = refs[_NUM_TABLES:_NUM_TABLES + 6]
+  opt, refs = common.unpack_refs(refs[_NUM_TABLES + 6:], cfg,
                                  ('seg', 'bias', 'seed', 'params', 'mask'))
   dk_ref, dv_ref, dk_acc, dv_acc = refs
+  plan = cfg.plan
   b, kh, kb, gi, j = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                       pl.program_id(3), pl.program_id(4))
   n = kh * cfg.group + gi
-  u = hm_ref[n]
 
   @pl.when(jnp.logical_and(gi == 0, j == 0))
   def _init():
@@ -474,7 +493,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
     q = q_ref[...]
     do = do_ref[...]
     # Transposed tile: kv positions on sublanes, q positions on lanes.
-    ids = _tile_ids(cfg, b, n, q_idx_ref[u, kb, j], kb, (bk, bq), 1)
+    ids = _tile_ids(cfg, b, n, plan.block('q', tabs, b, n, kb, j), kb, (bk, bq), 1)
     leaves = common.read_params(cfg, opt['params'])
     s = lax.dot_general(k_ref[...], q, NT_DIMS,
                         preferred_element_type=jnp.float32) * cfg.scale
@@ -502,8 +521,7 @@ def _dkv_kernel(hm_ref, q_idx_ref, q_cnt_ref, q_part_ref, q_fetch_ref, q_ref,
     dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
                                    preferred_element_type=jnp.float32)
 
-  part = q_part_ref[u, kb, j] if opt['mask'] is not None else None
-  _run_steps(j < q_cnt_ref[u, kb], part, step)
+  _run_steps(plan, *_step_class(plan, 'q', tabs, b, n, kb, j), step)
 
   @pl.when(jnp.logical_and(gi == cfg.group - 1, j == steps - 1))
   def _finish():
@@ -517,16 +535,16 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
   b, n, tp, h = q.shape
   kh_count, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
   g = cfg.group
-  steps = plan.q_indices.shape[-1]
+  steps = plan.steps('q')
 
-  def q_block(kh, kb, gi, j, hm, idx):
-    return idx[hm[kh * g + gi], kb, j]
+  def q_block(tabs, bi, kh, kb, gi, j):
+    return plan.block('q', tabs, bi, kh * g + gi, kb, j)
 
-  def q_map(bi, kh, kb, gi, j, hm, idx, *_):
-    return bi, kh * g + gi, q_block(kh, kb, gi, j, hm, idx), 0
+  def q_map(bi, kh, kb, gi, j, *tabs):
+    return bi, kh * g + gi, q_block(tabs, bi, kh, kb, gi, j), 0
 
-  def row_map(bi, kh, kb, gi, j, hm, idx, *_):
-    return bi, kh * g + gi, 0, q_block(kh, kb, gi, j, hm, idx)
+  def row_map(bi, kh, kb, gi, j, *tabs):
+    return bi, kh * g + gi, 0, q_block(tabs, bi, kh, kb, gi, j)
 
   def kv_map(bi, kh, kb, gi, j, *_):
     return bi, kh, kb, 0
@@ -545,8 +563,8 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
     kv_lanes = lax.broadcast_in_dim(opt['kv_seg'], (b, sp, NUM_LANES), (0, 1))
     in_specs += [
         pl.BlockSpec((None, NUM_SUBLANES, bq),
-                     lambda bi, kh, kb, gi, j, hm, idx, *_: (
-                         bi, 0, q_block(kh, kb, gi, j, hm, idx))),
+                     lambda bi, kh, kb, gi, j, *tabs: (
+                         bi, 0, q_block(tabs, bi, kh, kb, gi, j))),
         pl.BlockSpec((None, bk, NUM_LANES),
                      lambda bi, kh, kb, gi, j, *_: (bi, kb, 0)),
     ]
@@ -557,9 +575,9 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
     cols = bq if cfg.bias_rows else 1
     in_specs.append(pl.BlockSpec(
         (None, None, bk, cols),
-        lambda bi, kh, kb, gi, j, hm, idx, *_: (
+        lambda bi, kh, kb, gi, j, *tabs: (
             *cfg.bias_index(bi, kh * g + gi), kb,
-            q_block(kh, kb, gi, j, hm, idx) if cfg.bias_rows else 0)))
+            q_block(tabs, bi, kh, kb, gi, j) if cfg.bias_rows else 0)))
     args.append(opt['bias'].transpose(0, 1, 3, 2))  # [Bb, Nb, Sp, Tp or 1]
   specs, extra = _extra_inputs(cfg, opt)
   in_specs += specs
@@ -568,8 +586,8 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
     # Bitmaps transposed once (static) to the [bk, bq] orientation.
     in_specs.append(pl.BlockSpec(
         (None, bk, bq),
-        lambda bi, kh, kb, gi, j, hm, idx, cnt, part, fetch: (
-            fetch[hm[kh * g + gi], kb, j], 0, 0)))
+        lambda bi, kh, kb, gi, j, *tabs: (
+            plan.fetch('q', tabs, bi, kh * g + gi, kb, j), 0, 0)))
     args.append(jnp.asarray(
         np.ascontiguousarray(plan.partial_masks.transpose(0, 2, 1))))
   kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk, steps=steps)
@@ -589,7 +607,7 @@ def _dkv(cfg: common.Config, q, k, v, opt, lse, di, do):
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=cfg.interpret,
       name='block_sparse_flash_dkv',
-  )(*_tables(plan, 'q'), *args)
+  )(*_tables(plan, 'q', opt), *args)
 
 
 def _backward(cfg, q, k, v, opt, lse, di, do):
@@ -612,7 +630,7 @@ SMEM_TABLE_BUDGET = 512 * 1024
 PARAMS_VMEM_BUDGET = 2 * 1024 * 1024
 
 
-def _smem_reason(plan: common.Plan) -> str | None:
+def _smem_reason(plan) -> str | None:
   table_bytes = plan.table_bytes()
   if table_bytes <= SMEM_TABLE_BUDGET:
     return None
@@ -621,14 +639,19 @@ def _smem_reason(plan: common.Plan) -> str | None:
           "implementation='xla')")
 
 
-def _hardware_reason(query, key, value, problem, sizes: BlockSizes,
-                     plan: common.Plan | None = None) -> str | None:
-  """Why these inputs cannot compile with Mosaic (None: they can)."""
+def _hardware_reason(query, key, value, problem, block_q: int, block_kv: int,
+                     plan=None) -> str | None:
+  """Why these inputs cannot compile with Mosaic (None: they can).
+
+  `block_q` / `block_kv` are the tiles (a DynamicBlockMask's own blocks).
+  """
   if any(x.dtype == jnp.float64 for x in (query, key, value)):
     return 'float64 inputs (Mosaic has no float64)'
-  for name in ('block_q', 'block_kv'):
-    if getattr(sizes, name) % NUM_LANES:
-      return (f'{name}={getattr(sizes, name)} is not a multiple of {NUM_LANES} '
+  owner = (' of the DynamicBlockMask (its blocks are the kernel tiles)'
+           if problem.block_mask is not None else '')
+  for name, size in (('block_q', block_q), ('block_kv', block_kv)):
+    if size % NUM_LANES:
+      return (f'{name}={size}{owner} is not a multiple of {NUM_LANES} '
               '(the lane dimension of a logits tile; smaller tiles run in '
               'interpret mode only)')
   if problem.score_mod is not None:
@@ -644,9 +667,7 @@ def _hardware_reason(query, key, value, problem, sizes: BlockSizes,
       return reason
   if plan is None:
     n, t, s = query.shape[2], query.shape[1], key.shape[1]
-    plan = common.make_plan(
-        common.effective_mask(problem.mask_obj, problem.mask, t, s, n),
-        sizes.block_q, sizes.block_kv, n)
+    plan = common.plan_for(problem, t, s, n, block_q, block_kv)
   return _smem_reason(plan)
 
 
@@ -658,13 +679,16 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
   inputs and score_mod params must not be float64 (Mosaic has none), the score_mod
   must lower (no gathers / dynamic slices: `common.score_mod_reason`), its params
   must fit `PARAMS_VMEM_BUDGET`, and the scalar tables of the default 128 x 128
-  tiles must fit `SMEM_TABLE_BUDGET`.
+  tiles must fit `SMEM_TABLE_BUDGET`. A DynamicBlockMask's blocks are the tiles: they
+  must be multiples of 128, and its lists (plus the inner mask's tables and the
+  on-device bitmap-fetch table) must fit the same SMEM budget.
   """
-  if problem.block_mask is not None:
-    return 'a traced DynamicBlockMask is not supported by this kernel yet'
   if jax.default_backend() != 'tpu':
     return None
-  return _hardware_reason(query, key, value, problem, BlockSizes())
+  block_q, block_kv = DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV  # unless the mask fixes them
+  if problem.block_mask is not None:
+    block_q, block_kv = problem.block_mask.block_q, problem.block_mask.block_kv
+  return _hardware_reason(query, key, value, problem, block_q, block_kv)
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
@@ -673,35 +697,42 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, problem, *,
   """Block-sparse flash attention on TPU for a `kernels.problem.AttentionProblem`.
 
   Every feature of the contract is supported: the static mask (mask_obj AND a
-  concrete batch-independent `mask` array) drives the block lists; `bias` and any
+  concrete batch-independent `mask` array) drives the block lists, or a traced
+  `DynamicBlockMask` (`problem.block_mask`) does: its kv-block lists are
+  scalar-prefetched (the grid's last axis is its budget; steps past a row's count
+  are skipped and re-use the last block index, so no new DMA), its inner static mask
+  is looked up per tile (FULL: no mask work, PARTIAL: bitmap, EMPTY: skipped), and
+  the dK / dV kernel walks the transposed lists built on device; `bias` and any
   other `mask` array are added to the logits tile by tile; score_mod, dropout, sinks,
   segments, soft-cap run per tile in all three kernels.
 
   Args:
     query, key, value, problem: see `kernels.problem` (validated by the API).
     block_sizes: tile sizes, default 128 x 128 (lengths are padded to multiples);
-      multiples of 8 run in interpret mode, Mosaic needs multiples of 128.
+      multiples of 8 run in interpret mode, Mosaic needs multiples of 128. With a
+      DynamicBlockMask the tiles are its blocks: leave None or pass equal sizes.
     interpret: run the Pallas interpreter; default True unless the backend is TPU.
 
   Returns:
     out [B, T, N, H_v] (and lse [B, N, T] float32 with `problem.return_residuals`).
 
   Raises:
-    ValueError: when compiling for a TPU (interpret=False) what `unsupported` names.
+    ValueError: when compiling for a TPU (interpret=False) what `unsupported` names;
+      block_sizes that disagree with a DynamicBlockMask's blocks.
   """
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  if not isinstance(block_sizes, BlockSizes):
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError('block_sizes must be a kernels.pallas.tpu.BlockSizes, got '
                     f'{type(block_sizes).__name__}.')
-  if problem.block_mask is not None:
-    raise ValueError(f'{_NAME}: {unsupported(query, key, value, problem)}.')
+  common.check_dynamic_block_sizes(problem, block_sizes, _NAME)
+  if block_sizes is None:
+    block_sizes = BlockSizes()
   interpret = common.check_interpret(interpret, 'tpu')
   cfg, opt = common.configure(
       query, key, value, problem, block_q=block_sizes.block_q,
       block_kv=block_sizes.block_kv, interpret=interpret)
   if not interpret:
-    reason = _hardware_reason(query, key, value, problem, block_sizes, cfg.plan)
+    reason = _hardware_reason(query, key, value, problem, cfg.plan.block_q,
+                              cfg.plan.block_kv, cfg.plan)
     if reason:
       raise ValueError(f'{_NAME} does not support these inputs: {reason}.')
   return common.run(_flash, cfg, query, key, value, opt,

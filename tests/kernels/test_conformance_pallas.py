@@ -2,7 +2,9 @@
 
 On CPU both run with `interpret=True` (their default off TPU / GPU). Interpret-mode
 programs are large; LLVM -O0 cuts their CPU compile time (numerics unchanged: XLA:CPU
-uses no fast-math either way).
+uses no fast-math either way). A traced DynamicBlockMask fixes the kernels' tiles
+(its blocks), so its cases run without the 32 x 32 `block_sizes` option (passing
+sizes that disagree is a ValueError, tested in test_pallas_dynamic.py).
 """
 
 from kernels.pallas import gpu as pallas_gpu
@@ -12,7 +14,21 @@ from tests.kernels import conformance
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
-class TestPallasTpuConformance(conformance.AttentionTestBase):
+class _DynamicTiles:
+  """Drops `block_sizes` for problems whose DynamicBlockMask sets the tiles."""
+
+  def _impl_fn(self, options):
+    fixed = super()._impl_fn(options)
+    free = super()._impl_fn({k: v for k, v in options.items()
+                             if k != 'block_sizes'})
+
+    def fn(q, k, v, problem):
+      return (fixed if problem.block_mask is None else free)(q, k, v, problem)
+
+    return fn
+
+
+class TestPallasTpuConformance(_DynamicTiles, conformance.AttentionTestBase):
   IMPLEMENTATION = 'pallas_tpu'
   # 32 x 32 tiles (interpret mode takes multiples of 8): several tiles per case.
   OPTIONS = dict(block_sizes=pallas_tpu.BlockSizes(32, 32), interpret=True)
@@ -24,7 +40,7 @@ class TestPallasTpuConformance(conformance.AttentionTestBase):
     return dict(block_sizes=pallas_tpu.BlockSizes(block_q, block_kv))
 
 
-class TestPallasGpuConformance(conformance.AttentionTestBase):
+class TestPallasGpuConformance(_DynamicTiles, conformance.AttentionTestBase):
   IMPLEMENTATION = 'pallas_gpu'
   OPTIONS = dict(block_sizes=pallas_gpu.BlockSizes(32, 32), interpret=True)
   JIT_COMPILER_OPTIONS = _FAST_COMPILE
