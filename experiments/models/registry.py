@@ -45,6 +45,9 @@ from attention.linear import inline_attention
 from attention.linear import lightnet
 from attention.routing import moba as routing_moba
 from attention.routing import vmoba as routing_vmoba
+from attention.routing import biformer as routing_biformer
+from attention.routing import dynamic_mask_attention as routing_dma
+from attention.routing import minference as routing_minference
 
 AuxLosses = dict[str, jax.Array]
 VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
@@ -153,6 +156,10 @@ _VARIANTS: dict[str, VariantFn] = {
     # Causal only; block_size ceil(T / 8), top_k 3 (own block included).
     'moba': routing_moba.make_registry_variant(top_k=3, num_blocks=8),
     # --- end routing: MoBA ---
+    # --- routing: MInference (attention.routing.minference) ---
+    # Causal, training-free vertical-slash pattern; settings registry_pattern(T).
+    'minference': routing_minference.make_registry_variant(),
+    # --- end routing: MInference ---
 }
 
 LayerFactory = Callable[..., Any]
@@ -178,6 +185,18 @@ def _gla(dim, num_heads, head_dim, *, grid, causal, rngs):
                                                rngs=rngs)
 
 
+# --- routing: DMA (attention.routing.dynamic_mask_attention) ---
+def _dma(dim, num_heads, head_dim, *, grid, causal, rngs):
+  """DMA layer, window 16 keys per query: below the presets' sequence lengths, so the
+  top-w selection is active (Doge uses 2048)."""
+  del grid
+  if not causal:
+    raise ValueError("attention layer 'dma' is causal only; got causal=False.")
+  return routing_dma.DynamicMaskAttention(dim, num_heads, head_dim, window=16,
+                                          rngs=rngs)
+# --- end routing: DMA ---
+
+
 _LAYERS: dict[str, LayerFactory] = {
     'inline_local': _non_causal(
         'inline_local', lambda d, n, h, *, grid, rngs:
@@ -201,6 +220,13 @@ _LAYERS: dict[str, LayerFactory] = {
         routing_vmoba.VMoBAAttention(d, n, h, grid=grid, partition=p, rngs=rngs))
        for p in routing_vmoba.PARTITIONS},
     # --- end routing: VMoBA ---
+    # --- routing: BiFormer, DMA (attention.routing.biformer, .dynamic_mask_attention) ---
+    # BiFormer: regions / top_k default (S <= 7 per side, min(4, R // 2) regions).
+    'biformer': _non_causal(
+        'biformer', lambda d, n, h, *, grid, rngs:
+        routing_biformer.BiLevelRoutingAttention(d, n, h, grid=grid, rngs=rngs)),
+    'dma': _dma,
+    # --- end routing: BiFormer, DMA ---
 }
 
 
