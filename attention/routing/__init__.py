@@ -16,6 +16,17 @@ from attention.routing.vmoba import vmoba_block_scores
 from attention.routing.vmoba import vmoba_mask
 from attention.routing.vmoba import VMoBA
 from attention.routing.vmoba import VMoBAAttention
+from attention.routing.seer_attention import attention_block_target
+from attention.routing.seer_attention import attn_gate_scores
+from attention.routing.seer_attention import AttnGate
+from attention.routing.seer_attention import distillation_loss
+from attention.routing.seer_attention import gate_value_and_grad
+from attention.routing.seer_attention import seer_kl_loss
+from attention.routing.seer_attention import seer_mask
+from attention.routing.seer_attention import seer_sparse_attention
+from attention.routing.seer_attention import SeerAttention
+from attention.routing.seer_attention import top_k_for_density
+from attention.routing.seer_attention import train_attn_gates
 from attention.routing.anchor_attention import anchor_attention
 from attention.routing.anchor_attention import anchor_mask
 from attention.routing.biformer import bi_level_routing_attention

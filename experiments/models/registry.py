@@ -45,6 +45,7 @@ from attention.linear import inline_attention
 from attention.linear import lightnet
 from attention.routing import moba as routing_moba
 from attention.routing import vmoba as routing_vmoba
+from attention.routing import seer_attention as routing_seer
 from attention.routing import biformer as routing_biformer
 from attention.routing import dynamic_mask_attention as routing_dma
 from attention.routing import minference as routing_minference
@@ -220,6 +221,13 @@ _LAYERS: dict[str, LayerFactory] = {
         routing_vmoba.VMoBAAttention(d, n, h, grid=grid, partition=p, rngs=rngs))
        for p in routing_vmoba.PARTITIONS},
     # --- end routing: VMoBA ---
+    # --- routing: SeerAttention (attention.routing.seer_attention) ---
+    # Owns q/k/v/out projections + an AttnGate; T / 8 blocks, row top-3. The LM
+    # loss does not train the gate (see SeerAttention.gate_loss, train_attn_gates).
+    'seer_attention': lambda d, n, h, *, grid, causal, rngs: (
+        routing_seer.SeerAttention(d, n, h, causal=causal, num_blocks=8, top_k=3,
+                                   rngs=rngs)),
+    # --- end routing: SeerAttention ---
     # --- routing: BiFormer, DMA (attention.routing.biformer, .dynamic_mask_attention) ---
     # BiFormer: regions / top_k default (S <= 7 per side, min(4, R // 2) regions).
     'biformer': _non_causal(
