@@ -54,6 +54,7 @@ from attention.masks import base as masks_base
 from attention.masks import block as masks_block
 from kernels import problem as problem_lib
 from kernels.xla import blocked
+from kernels.xla import dynamic
 from kernels.xla import plan as plan_lib
 from kernels.xla import tiling
 # Re-exports used by the tests and benchmarks.
@@ -73,10 +74,8 @@ __all__ = ['attention', 'visited_fraction', 'tiling_for', 'bwd_tiling_for',
 
 def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
                 problem: problem_lib.AttentionProblem) -> str | None:
-  """Why this problem cannot run here (None: it can)."""
-  del query, key, value
-  if problem.block_mask is not None:
-    return 'a traced DynamicBlockMask is not supported by the xla path yet'
+  """Why this problem cannot run here (None: it can; every problem can)."""
+  del query, key, value, problem
   return None
 
 
@@ -85,7 +84,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
               block_q: int | None = None, block_kv: int | None = None,
               kv_chunk: int | None = None, lanes: int | None = None,
               bwd_block_q: int | None = None, bwd_block_kv: int | None = None,
-              fused: bool | None = None):
+              fused: bool | None = None, rows_per_step: int | None = None):
   """Blocked flash attention of a validated problem (see `kernels.problem`).
 
   Same semantics as `kernels.reference.attention` (FlashAttention's online softmax,
@@ -109,6 +108,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
       two multi-threaded XLA:CPU calls), False as one online-softmax step (two
       dots); None picks by `_auto_fused`. Both are exact. Dropout always uses the
       online step.
+    rows_per_step: with a DynamicBlockMask only: (batch, head, q block) rows that
+      advance together per loop (None: `kernels.xla.dynamic.default_rows_per_step`).
+      The tile options above do not apply there: its tiles are the mask's blocks.
 
   Returns:
     out [B, T, N, Hv] in query's dtype, and with `problem.return_residuals` the
@@ -118,9 +120,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if not isinstance(problem, problem_lib.AttentionProblem):
     raise TypeError('problem must be a kernels.problem.AttentionProblem (built by '
                     f'make_problem), got {type(problem).__name__}.')
-  reason = unsupported(query, key, value, problem)
-  if reason:
-    raise ValueError(f'implementation xla: {reason}.')
+  if problem.block_mask is not None:
+    return dynamic.attention(query, key, value, problem, rows_per_step=rows_per_step)
   block_q = _check_block_arg('block_q', block_q)
   block_kv = _check_block_arg('block_kv', block_kv)
   kv_chunk = _check_block_arg('kv_chunk', kv_chunk)
