@@ -27,7 +27,6 @@ from attention.routing.seer_attention import seer_sparse_attention
 from attention.routing.seer_attention import SeerAttention
 from attention.routing.seer_attention import top_k_for_density
 from attention.routing.seer_attention import train_attn_gates
-from attention.routing.anchor_attention import anchor_attention
 from attention.routing.anchor_attention import anchor_mask
 from attention.routing.biformer import bi_level_routing_attention
 from attention.routing.biformer import bi_level_routing_mask
@@ -35,7 +34,6 @@ from attention.routing.biformer import BiLevelRoutingAttention
 from attention.routing.biformer import region_routing
 from attention.routing.dynamic_mask_attention import dma_bias
 from attention.routing.dynamic_mask_attention import dma_keep_mask
-from attention.routing.dynamic_mask_attention import dynamic_mask_attention
 from attention.routing.dynamic_mask_attention import DynamicMaskAttention
 from attention.routing.minference import block_sparse_mask
 from attention.routing.minference import modality_permutation
@@ -47,3 +45,6 @@ from attention.routing.sparsifiner import connectivity_loss
 from attention.routing.sparsifiner import connectivity_mask
 from attention.routing.sparsifiner import connectivity_scores
 from attention.routing.sparsifiner import Sparsifiner
+# Not re-exported: the functions dynamic_mask_attention and anchor_attention share
+# their module's name (re-exporting them would hide the modules); call them as
+# attention.routing.dynamic_mask_attention.dynamic_mask_attention, etc.
