@@ -185,3 +185,20 @@ def test_bad_input_names_the_argument():
   with pytest.raises(ValueError, match='k must be in'):
     mi.block_sparse_mask(q, k, top_k=5, block_q=4, block_kv=4)
   del v
+
+
+
+def test_registry_variant_is_the_library_pattern():
+  from experiments.models import registry  # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv(6, t=32)
+  pattern = mi.registry_pattern(32)
+  assert pattern['block_q'] == 4 and pattern['num_vertical'] == 4
+  fn = registry.get_variant('minference')
+  got, aux = fn(q, k, v, mask=None, is_causal=True, sinks=None,
+                logits_soft_cap=None, implementation='reference')
+  want = mi.vertical_slash_attention(q, k, v, implementation='reference', **pattern)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  assert aux == {}
+  with pytest.raises(ValueError, match='causal only'):
+    fn(q, k, v, mask=None, is_causal=False, sinks=None, logits_soft_cap=None,
+       implementation=None)
