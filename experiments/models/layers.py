@@ -168,7 +168,11 @@ class Attention(nnx.Module):
 
 
 class TokenMixer(nnx.Module):
-  """A registry layer (`registry.make_layer`) in the attention slot: x -> (y, {})."""
+  """A registry layer (`registry.make_layer`) in the attention slot: x -> (y, aux).
+
+  A layer returns y [B, T, D], or (y, aux_losses) when it trains a side objective (a
+  router's distillation or balance loss); the trainer adds the aux losses to its loss.
+  """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int,
                spec: AttentionSpec, *, rngs: nnx.Rngs):
@@ -177,7 +181,14 @@ class TokenMixer(nnx.Module):
                                      rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, registry.AuxLosses]:
-    return self.layer(x), {}
+    out = self.layer(x)
+    if isinstance(out, tuple):
+      if len(out) != 2 or not isinstance(out[1], dict):
+        raise TypeError(
+            f'attention layer {type(self.layer).__name__} must return y or (y, '
+            f'aux_losses: dict), got a tuple of {len(out)}.')
+      return out
+    return out, {}
 
 
 class SwiGLU(nnx.Module):
