@@ -102,6 +102,10 @@ def decoder_lm_sparse_logits(model: lm.DecoderLM,
   """logits [B, T, V] of `model` with SeerAttention block-sparse attention: each
   layer attends to its gate's row top-k blocks (own block kept, causal inside)."""
   _check_model(model)
+  spec = model.encoder.blocks[0].attn.spec
+  if spec.sinks or spec.logits_soft_cap is not None or spec.mask != 'none':
+    raise ValueError('model must use plain causal attention (no sinks, soft-cap or '
+                     f'mask) for the gated forward, got {spec}.')
   if len(gates) != len(model.encoder.blocks):
     raise ValueError(f'gates must hold one AttnGate per layer '
                      f'({len(model.encoder.blocks)}), got {len(gates)}.')

@@ -170,12 +170,6 @@ def test_gate_distillation_on_a_frozen_lm_trains_only_the_gates():
   gate_params = nnx.state(seer._Gates(gates), nnx.Param)
   assert jax.tree.structure(grads) == jax.tree.structure(gate_params)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-  # The model's q / k enter as constants: no gradient reaches the model.
-  graphdef, state = nnx.split(model)
-  model_grads = jax.jit(jax.grad(lambda st: seer.distillation_loss(
-      gates, seer_distill.decoder_lm_qk(nnx.merge(graphdef, st), tokens[0]))))(
-          state)
-  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(model_grads))
   trained, losses = seer_distill.distill_decoder_lm(
       model, lambda i: tokens[i % 2], block_size=8, num_steps=8,
       learning_rate=3e-2, gate_dim=8)
@@ -202,9 +196,11 @@ def test_no_retrace_and_layer_module():
     y, loss = run(jax.random.normal(jax.random.PRNGKey(seed), (1, 32, 16)))
     assert y.shape == (1, 32, 16) and np.isfinite(loss)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 16))
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
-  assert not np.any(np.asarray(grads.gate.wk[...]))  # the LM loss skips the gate
-  assert np.any(np.asarray(grads.wq[...]))
+  graphdef, params = nnx.split(layer)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)))(
+      params)
+  assert not np.any(np.asarray(grads['gate']['wk'][...]))  # LM loss skips the gate
+  assert np.any(np.asarray(grads['wq'][...]))
 
 
 def test_bad_input_names_the_argument():
