@@ -40,9 +40,22 @@ block-aligned tiles. `tiling_for` picks (block_q, block_kv, kv_chunk) with a sma
 fitted cost model; causal masks get 512 x 256 tiles one per step. Loops whose trip
 count is the same for every query block are static (a single step is inlined).
 
+Traced block masks: a problem whose `block_mask` is a `DynamicBlockMask` (block lists
+chosen under jit by a router, e.g. MoBA's top-k, "MoBA: Mixture of Block Attention for
+Long-Context LLMs", Lu et al. 2025) runs `kernels.xla.dynamic` instead, with tiles
+exactly the mask's (block_q, block_kv) (the tiling options do not apply). Nothing is
+planned on the host there: all (batch, head unit, q block) rows advance together, one
+list slot per step (a loop whose trip count is the largest list count, `rows_per_step`
+rows at a time), gathering the listed K / V tiles for one batched dot; slots past a
+row's count are masked, so only listed blocks are computed and no T x S array exists.
+The static inner mask is compiled once at trace time to per-tile bitmaps (a plain
+causal one is evaluated from the indices). Its backward (own custom_vjp) recomputes
+the probabilities from the lse, keeps dQ in the carry and scatter-adds dK / dV and the
+bias gradient. New lists of the same shapes do not recompile.
+
 Layout: `plan` (NumPy planning from the BlockMask), `tiling` (the cost model and the
-automatic tilings), `blocked` (tiles, forward, backward, custom_vjp); this module is
-the entry point.
+automatic tilings), `blocked` (tiles, forward, backward, custom_vjp), `dynamic` (the
+traced DynamicBlockMask path); this module is the entry point.
 """
 
 from __future__ import annotations
@@ -88,8 +101,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """Blocked flash attention of a validated problem (see `kernels.problem`).
 
   Same semantics as `kernels.reference.attention` (FlashAttention's online softmax,
-  Dao et al. 2022, over the active tiles of the compiled BlockMask), including
-  score_mod, dropout, sinks and segments. The inputs were validated by
+  Dao et al. 2022, over the active tiles of the compiled BlockMask, or over the
+  listed blocks of a traced `problem.block_mask`), including score_mod, dropout,
+  sinks and segments. The inputs were validated by
   `kernels.problem.make_problem`; only the options below are checked here.
 
   Args:
@@ -109,7 +123,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
       dots); None picks by `_auto_fused`. Both are exact. Dropout always uses the
       online step.
     rows_per_step: with a DynamicBlockMask only: (batch, head, q block) rows that
-      advance together per loop (None: `kernels.xla.dynamic.default_rows_per_step`).
+      advance together per loop (None: `kernels.xla.dynamic.default_rows_per_step`,
+      about 2^19 logits per step).
       The tile options above do not apply there: its tiles are the mask's blocks.
 
   Returns:

@@ -122,7 +122,8 @@ def test_per_query_head_lists_gqa_causal_offset_bias_sinks_chunks():
 
 
 def test_shared_lists_head_dependent_inner_segments_closure():
-  """Hm = 1, GQA 6/3 (units of two heads), non-square blocks, per-head inner mask."""
+  """Hm = 1, GQA 6/3 (units of two heads), non-square blocks, per-head inner mask,
+  per-head bias [1, N, T, S] and dense mask [B, N, T, S] tiles, ALiBi params."""
   rng = np.random.default_rng(1)
   b, t, s, n, kh = 2, 30, 44, 6, 3
   q, k, v = _qkv(rng, b, t, s, n, kh, 8, 8)
@@ -133,10 +134,11 @@ def test_shared_lists_head_dependent_inner_segments_closure():
                           masks.prefix_lm(t, 6, kv_len=s)])
   q_seg = np.stack([np.repeat([0, 1], [12, 18]), np.repeat([0, 1, 2], [5, 5, 20])])
   kv_seg = np.stack([np.repeat([0, 1], [20, 24]), np.repeat([0, 1, 2], [9, 9, 26])])
-  dense = rng.random((b, 1, t, s)) < 0.8
+  dense = rng.random((b, n, t, s)) < 0.8
   lse = _check_against_reference(
       q, k, v, blocks, dict(q_len=t, kv_len=s, block_q=8, block_kv=16, budget=2),
-      slopes=np.linspace(0.1, 0.6, n), inner=inner,
+      bias=rng.normal(size=(1, n, t, s)), slopes=np.linspace(0.1, 0.6, n),
+      inner=inner,
       mask=(jnp.asarray(dense),),
       segment_ids=(jnp.asarray(q_seg), jnp.asarray(kv_seg)),
       options=dict(rows_per_step=5))
