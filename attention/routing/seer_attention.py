@@ -384,16 +384,26 @@ class SeerAttention(nnx.Module):
   the pre-RoPE q, k (stop_gradient'ed: the LM loss never trains the gate, which
   learns from `gate_loss` / `train_attn_gates`). block_size None: T // num_blocks
   (T must be a multiple of num_blocks); top_k is clipped to the number of blocks.
+
+  With `distill_weight` > 0 the call returns (y, {'seer_gate_kl': weight * KL}): the
+  gate's distillation loss on this very forward pass (the target from stop-gradient
+  q, k, so it trains the gate only), which a trainer adds to its loss (the paper's
+  weight is 10, summed over layers).
   """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, causal: bool = True,
                block_size: int | None = None, num_blocks: int = 8, top_k: int = 3,
                gate_dim: int | None = None, rope_base: float | None = 10000.0,
                gate_rope: bool = False, implementation: str | None = None,
-               rngs: nnx.Rngs):
+               distill_weight: float = 0.0, rngs: nnx.Rngs):
     for name, v in (('dim', dim), ('num_heads', num_heads), ('head_dim', head_dim),
                     ('num_blocks', num_blocks), ('top_k', top_k)):
       _common.check_int(name, v)
+    if (isinstance(distill_weight, bool) or
+        not isinstance(distill_weight, (int, float)) or distill_weight < 0):
+      raise ValueError(
+          f'distill_weight must be a float >= 0, got {distill_weight!r}.')
+    self.distill_weight = float(distill_weight)
     self.causal, self.rope_base = bool(causal), rope_base
     self.block_size, self.num_blocks, self.top_k = block_size, num_blocks, top_k
     self.implementation = implementation
@@ -439,7 +449,7 @@ class SeerAttention(nnx.Module):
         x.shape[1]), causal=self.causal)
     return seer_kl_loss(target, self._scores(q, k), skip_fraction=skip_fraction)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array):
     q, k, v, q_rope, k_rope = self.qk(x)
     scores = self._scores(q, k)
     out = seer_sparse_attention(q_rope, k_rope, v, scores,
@@ -447,5 +457,13 @@ class SeerAttention(nnx.Module):
                                 top_k=min(self.top_k, scores.shape[-1]),
                                 causal=self.causal,
                                 implementation=self.implementation)  # [B, T, N, H]
-    return jnp.einsum('btnh,nhd->btd', out.astype(x.dtype),
-                      self.wo[...].astype(x.dtype))  # [B, T, D]
+    y = jnp.einsum('btnh,nhd->btd', out.astype(x.dtype),
+                   self.wo[...].astype(x.dtype))  # [B, T, D]
+    if not self.distill_weight:
+      return y
+    sg = jax.lax.stop_gradient
+    target = attention_block_target(sg(q_rope), sg(k_rope),
+                                    block_size=self._block(x.shape[1]),
+                                    causal=self.causal)
+    kl = seer_kl_loss(target, scores)
+    return y, {'seer_gate_kl': self.distill_weight * kl}

@@ -175,10 +175,10 @@ class TokenMixer(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int,
-               spec: AttentionSpec, *, rngs: nnx.Rngs):
+               spec: AttentionSpec, *, rngs: nnx.Rngs, layer_index: int = 0):
     self.layer = registry.make_layer(spec.variant, dim, num_heads, head_dim,
                                      grid=spec.grid, causal=spec.causal,
-                                     rngs=rngs)
+                                     rngs=rngs, layer_index=layer_index)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, registry.AuxLosses]:
     out = self.layer(x)
@@ -212,10 +212,11 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, mlp_dim: int, spec: AttentionSpec,
-               dropout_rate: float, *, rngs: nnx.Rngs):
+               dropout_rate: float, *, rngs: nnx.Rngs, layer_index: int = 0):
     self.attn_norm = RMSNorm(dim)
     if registry.is_layer(spec.variant):
-      self.attn = TokenMixer(dim, num_heads, head_dim, spec, rngs=rngs)
+      self.attn = TokenMixer(dim, num_heads, head_dim, spec, rngs=rngs,
+                             layer_index=layer_index)
     else:
       self.attn = Attention(dim, num_heads, num_kv_heads, head_dim, spec,
                             rngs=rngs)
@@ -240,7 +241,7 @@ class Encoder(nnx.Module):
                dropout_rate: float, *, rngs: nnx.Rngs):
     self.blocks = nnx.List([
         Block(dim, num_heads, num_kv_heads, head_dim, mlp_dim, spec,
-              dropout_rate, rngs=rngs) for _ in range(depth)])
+              dropout_rate, rngs=rngs, layer_index=i) for i in range(depth)])
     self.norm = RMSNorm(dim)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None

@@ -32,6 +32,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from flax import nnx
 import jax
 import numpy as np
 
@@ -49,6 +50,7 @@ from attention.routing import seer_attention as routing_seer
 from attention.routing import biformer as routing_biformer
 from attention.routing import dynamic_mask_attention as routing_dma
 from attention.routing import minference as routing_minference
+from attention.routing import sparsifiner as routing_sparsifiner
 
 AuxLosses = dict[str, jax.Array]
 VariantFn = Callable[..., tuple[jax.Array, AuxLosses]]
@@ -167,15 +169,41 @@ LayerFactory = Callable[..., Any]
 
 
 def _non_causal(name: str, build: Callable[..., Any]) -> LayerFactory:
-  def factory(dim, num_heads, head_dim, *, grid, causal, rngs):
+  takes_index = _accepts(build, 'layer_index')
+
+  def factory(dim, num_heads, head_dim, *, grid, causal, rngs, layer_index=0):
     if causal:
       raise ValueError(f'attention layer {name!r} is non-causal (it mixes the whole '
                        f'token grid); got causal=True.')
     if grid is None:
       raise ValueError(f'attention layer {name!r} needs the token grid '
                        f'(attention.grid, e.g. (14, 14); the ViT sets it).')
-    return build(dim, num_heads, head_dim, grid=tuple(grid), rngs=rngs)
+    extra = dict(layer_index=layer_index) if takes_index else {}
+    return build(dim, num_heads, head_dim, grid=tuple(grid), rngs=rngs, **extra)
   return factory
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+  """Whether `fn` takes the keyword argument `name`."""
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+class _SparsifinerLayer(nnx.Module):
+  """Sparsifiner ("Sparsifiner: Learning Sparse Instance-Dependent Attention for
+  Efficient Vision Transformers", Wei et al. 2023) on a token grid, returning its
+  connectivity distillation loss (the predictor's stage-1 MSE) as an aux loss."""
+
+  def __init__(self, dim, num_heads, head_dim, *, grid, rngs):
+    self.layer = routing_sparsifiner.Sparsifiner(
+        dim, num_heads, head_dim, num_tokens=int(np.prod(grid)), cls_token=False,
+        rngs=rngs)
+
+  def __call__(self, x):
+    y, loss = self.layer(x, return_loss=True)
+    return y, {'sparsifiner_distill': loss}
 
 
 def _gla(dim, num_heads, head_dim, *, grid, causal, rngs):
@@ -220,6 +248,11 @@ _LAYERS: dict[str, LayerFactory] = {
         f'vmoba_{p}', lambda d, n, h, *, grid, rngs, p=p:
         routing_vmoba.VMoBAAttention(d, n, h, grid=grid, partition=p, rngs=rngs))
        for p in routing_vmoba.PARTITIONS},
+    # 'vmoba': the partition cycles 1D / 2D / 3D with the layer index (the paper).
+    'vmoba': _non_causal(
+        'vmoba', lambda d, n, h, *, grid, rngs, layer_index=0:
+        routing_vmoba.VMoBAAttention(d, n, h, grid=grid, layer_index=layer_index,
+                                     rngs=rngs)),
     # --- end routing: VMoBA ---
     # --- routing: SeerAttention (attention.routing.seer_attention) ---
     # Owns q/k/v/out projections + an AttnGate; T / 8 blocks, row top-3. The LM
@@ -227,6 +260,11 @@ _LAYERS: dict[str, LayerFactory] = {
     'seer_attention': lambda d, n, h, *, grid, causal, rngs: (
         routing_seer.SeerAttention(d, n, h, causal=causal, num_blocks=8, top_k=3,
                                    rngs=rngs)),
+    # The same layer whose gate trains jointly: its KL distillation loss (weight 10,
+    # as the paper) is returned as an aux loss the trainer adds.
+    'seer_attention_distill': lambda d, n, h, *, grid, causal, rngs: (
+        routing_seer.SeerAttention(d, n, h, causal=causal, num_blocks=8, top_k=3,
+                                   distill_weight=10.0, rngs=rngs)),
     # --- end routing: SeerAttention ---
     # --- routing: BiFormer, DMA (attention.routing.biformer, .dynamic_mask_attention) ---
     # BiFormer: regions / top_k default (S <= 7 per side, min(4, R // 2) regions).
@@ -235,12 +273,18 @@ _LAYERS: dict[str, LayerFactory] = {
         routing_biformer.BiLevelRoutingAttention(d, n, h, grid=grid, rngs=rngs)),
     'dma': _dma,
     # --- end routing: BiFormer, DMA ---
+    # --- routing: Sparsifiner (attention.routing.sparsifiner) ---
+    'sparsifiner': _non_causal('sparsifiner', lambda d, n, h, *, grid, rngs: (
+        _SparsifinerLayer(d, n, h, grid=grid, rngs=rngs))),
+    # --- end routing: Sparsifiner ---
 }
 
 
 def register_layer(name: str, factory: LayerFactory) -> None:
   """Makes `factory(dim, num_heads, head_dim, *, grid, causal, rngs)` -> an NNX layer
-  x [B, T, D] -> [B, T, D] selectable as `attention.variant=name`."""
+  x [B, T, D] -> [B, T, D] (or (y, aux_losses)) selectable as
+  `attention.variant=name`; a factory that also takes `layer_index` gets the block's
+  depth."""
   if not isinstance(name, str) or not name or ':' in name:
     raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
   if not callable(factory):
@@ -265,13 +309,20 @@ def check_name(name: str) -> None:
 
 
 def make_layer(name: str, dim: int, num_heads: int, head_dim: int, *,
-               grid: tuple[int, ...] | None, causal: bool, rngs: Any) -> Any:
-  """The token-mixer layer registered as `name`."""
+               grid: tuple[int, ...] | None, causal: bool, rngs: Any,
+               layer_index: int = 0) -> Any:
+  """The token-mixer layer registered as `name`.
+
+  `layer_index` (the block's depth) reaches factories that take it (e.g. VMoBA's
+  partition cycling); others never see it.
+  """
   if name not in _LAYERS:
     raise ValueError(f'attention layer must be one of {available_layers()}, got '
                      f'{name!r}.')
-  return _LAYERS[name](dim, num_heads, head_dim, grid=grid, causal=causal,
-                       rngs=rngs)
+  factory = _LAYERS[name]
+  extra = dict(layer_index=layer_index) if _accepts(factory, 'layer_index') else {}
+  return factory(dim, num_heads, head_dim, grid=grid, causal=causal, rngs=rngs,
+                 **extra)
 
 
 def register_variant(name: str, fn: VariantFn) -> None:

@@ -203,6 +203,21 @@ def test_no_retrace_and_layer_module():
   assert np.any(np.asarray(grads['wq'][...]))
 
 
+def test_distill_layer_returns_its_gate_loss_which_trains_only_the_gate():
+  layer = routing.SeerAttention(16, 2, 8, block_size=8, top_k=2, distill_weight=10.0,
+                                rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 16))
+  y, aux = layer(x)
+  np.testing.assert_allclose(aux['seer_gate_kl'], 10.0 * layer.gate_loss(x),
+                             rtol=1e-5)
+  graphdef, params = nnx.split(layer)
+  grads = jax.grad(lambda p: nnx.merge(graphdef, p)(x)[1]['seer_gate_kl'])(params)
+  assert np.any(np.asarray(grads['gate']['wk'][...]))
+  assert not np.any(np.asarray(grads['wq'][...]))  # the target is detached
+  with pytest.raises(ValueError, match='distill_weight'):
+    routing.SeerAttention(16, 2, 8, distill_weight=-1.0, rngs=nnx.Rngs(0))
+
+
 def test_bad_input_names_the_argument():
   q = jnp.zeros((1, 24, 2, 4))
   wk = jnp.zeros((2, 12, 4))
