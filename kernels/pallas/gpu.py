@@ -3,8 +3,10 @@
 FlashAttention-2 (Dao, 2023): one program per (batch, query head, q block) keeps its
 q tile and the running max / sum / accumulator in registers and walks, with a
 `lax.fori_loop` whose trip count is the row's active-block count, only the kv blocks
-listed for it in the compiled mask. FULL tiles take the unmasked branch of a
-`lax.cond`; PARTIAL tiles load their deduplicated int8 bitmap. The backward pass is a
+listed for it in the compiled mask (or in a traced `DynamicBlockMask`'s int32 lists,
+passed as inputs; see `common.DynamicPlan`). FULL tiles take the unmasked branch of a
+`lax.cond`; PARTIAL tiles load their deduplicated int8 bitmap; EMPTY tiles (listed
+blocks a DynamicBlockMask's inner mask hides) are skipped. The backward pass is a
 dq kernel (same lists) and a fused dk/dv kernel with one program per (batch, kv head,
 kv block) that loops over the G query heads sharing that kv head and over each head's
 transposed q list, so k/v and dk/dv are never repeated per query head. An additive

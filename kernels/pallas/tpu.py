@@ -6,7 +6,11 @@ splash_attention`): the active kv-block list of every (query head, q block) is
 scalar-prefetched into SMEM and the k/v index maps read it, so the grid
 (batch, head, q block, step) visits only active tiles; steps past a row's count are
 skipped with `pl.when` and re-use the previous block index (no new DMA). FULL tiles run
-without mask work; PARTIAL tiles read their deduplicated bitmap block.
+without mask work; PARTIAL tiles read their deduplicated bitmap block. A traced
+`DynamicBlockMask` is prefetched the same way: its [Bm, Hm, nq, budget] lists replace
+the static ones (the grid's last axis is the budget) and its inner static mask's
+per-tile classes are looked up per (q block, kv block), EMPTY tiles skipped (see
+`common.DynamicPlan`).
 
 Three kernels: forward (out, lse), dq (over the kv lists; with a bias it also writes
 the per-tile logits gradient) and a fused dk/dv kernel (over the transposed q lists,
