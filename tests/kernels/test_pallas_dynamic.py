@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attention
 from attention import masks
 from attention.masks import dynamic
 from kernels import problem as problem_lib
@@ -237,6 +238,10 @@ def test_block_sizes_and_hardware_constraints(monkeypatch):
   np.testing.assert_allclose(  # equal block sizes are accepted
       pallas_tpu.attention(q, q, q, problem,
                            block_sizes=pallas_tpu.BlockSizes(16, 16)),
+      np.ones((1, 32, 2, 16)), rtol=1e-6)
+  np.testing.assert_allclose(  # the public API dispatches it (no block_sizes)
+      attention.dot_product_attention(q, q, q, mask=problem.block_mask,
+                                      implementation='pallas_gpu'),
       np.ones((1, 32, 2, 16)), rtol=1e-6)
   with pytest.raises(ValueError, match='block_q=16 of the DynamicBlockMask .* '
                      'multiple of 128'):
