@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from attention import masks
+from attention import registry as attention_registry
 from experiments import models
 from experiments.models import layers
 from experiments.models import registry
@@ -252,12 +253,14 @@ def test_registry_masks_by_name():
 
 
 def test_registry_variants():
-  assert registry.available_variants() == ('flow', 'inline', 'lightnet',
-                                           'lightning', 'linear', 'retention',
-                                           'softmax')
+  names = registry.available_variants()
+  assert names == tuple(sorted(names))
+  assert {'flow', 'inline', 'lightnet', 'lightning', 'linear', 'retention',
+          'softmax', 'moba', 'minference'} <= set(names)
+  # The library's registry is the one the models resolve names with.
+  assert registry.get_variant('moba') is attention_registry.get_variant('moba')
   with pytest.raises(ValueError, match=r"variant must be one of \('flow', "
-                     r"'inline', 'lightnet', 'lightning', 'linear', 'retention', "
-                     r"'softmax'\)"):
+                     r"'inline', .*'softmax'.*\), got 'softmaks'"):
     registry.get_variant('softmaks')
   with pytest.raises(ValueError, match='variant must be one of'):
     layers.AttentionSpec(variant='nope')
