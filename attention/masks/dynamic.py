@@ -11,6 +11,12 @@ most blocks any q block may visit), plus the counts:
                                             re-reading them fetches nothing new
     kv_counts   int32 [Bm, Hm, nq]          active blocks per q block, <= budget
 
+The list format is part of the contract (every constructor here produces it): within
+the count the indices are strictly ascending and distinct; past it they repeat the
+last active block. Kernels rely on it: the TPU kernel issues no copy for a repeated
+block index, and its d-bias pipeline writes back exactly the blocks it visits. A
+hand-built DynamicBlockMask must follow it too.
+
 Bm is 1 (shared by the batch) or B; Hm divides the query heads N and query head n
 reads row n // (N // Hm) (Hm = 1: one routing for all heads, as BiFormer; Hm = K:
 per kv head, as GQA kernels share K/V tiles; Hm = N: per query head). An optional

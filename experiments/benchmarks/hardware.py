@@ -9,7 +9,10 @@ interpret mode on the tiny `cpu_smoke` preset (the default there). Two parts:
 
 - conformance: a compact set of problems (causal, sliding window, documents via
   segment ids, GQA, an ALiBi score_mod ("Train Short, Test Long", Press et al. 2022)
-  with differentiable slopes, -inf key-padding bias, dropout) in bfloat16 and float32.
+  with differentiable slopes, -inf key-padding bias, dropout, and traced MoBA-style
+  block lists: a `DynamicBlockMask` of per-(batch, kv head) top-k blocks, own block
+  kept, causal inside; blocks of T / 4, or 128 from T = 512 for Mosaic) in bfloat16
+  and float32.
   Forward, lse and the gradients for q, k, v (and the slopes) are compared with the
   golden reference: float64 on CPU, float32 at HIGHEST matmul precision on the device
   itself (`--golden`). Pass: error <= fudge x (same-dtype reference's error) + floor x
@@ -26,7 +29,7 @@ interpret mode on the tiny `cpu_smoke` preset (the default there). Two parts:
 
 Writes <workdir>/results.json ({meta, conformance, timing}), conformance.csv,
 timing.csv and results.md. The 'device' preset is sized for under 8 minutes on one
-H100/H200: 14 conformance rows, then 24 timing rows (bfloat16 first, shortest lengths
+H100/H200: 16 conformance rows, then 24 timing rows (bfloat16 first, shortest lengths
 first) of 3 contenders x (fwd, fwd+bwd), i.e. about 150 compilations, at most 5 timed
 rounds per row and about 20 s of rounds; rows that would start after `--budget_s`
 (default 390 s since the start) are recorded as skipped. Not yet run on a GPU or TPU.
@@ -60,7 +63,7 @@ from kernels import problem as problem_lib
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 STRUCTURES = ('causal', 'sliding_window', 'documents', 'gqa')
 CASES = ('causal', 'sliding_window', 'documents', 'gqa', 'alibi_score_mod',
-         'key_padding_bias', 'dropout')
+         'key_padding_bias', 'dropout', 'dynamic_blocks')
 GOLDENS = ('auto', 'float64', 'float32_highest')
 JAX_NN = 'jax.nn'
 DEVICE_KERNELS = {'gpu': ('pallas_gpu',), 'tpu': ('pallas_tpu',),
@@ -240,8 +243,21 @@ def conformance_cases(cfg: Config) -> list[Case]:
                                dict(bias=jnp.asarray(pad)), {}),
       'dropout': Case('dropout', n, dict(is_causal=True, dropout_rate=0.1),
                       dict(dropout_key=jnp.asarray([17, 4], jnp.uint32)), {}),
+      'dynamic_blocks': Case('dynamic_blocks', kh, dict(is_causal=True),
+                             dict(mask=dynamic_blocks(b, kh, t)), {}),
   }
   return [every[name] for name in cfg.cases]
+
+
+def dynamic_blocks(batch: int, kv_heads: int, t: int) -> masks.DynamicBlockMask:
+  """MoBA-style traced lists: per (batch, kv head) the own block + top-1 past block."""
+  block = 128 if t >= 512 else max(t // 4, 1)
+  nb = -(-t // block)
+  scores = jax.random.normal(jax.random.key(7), (batch, kv_heads, nb, nb))
+  past = jnp.tril(jnp.ones((nb, nb), bool), -1)
+  return masks.top_k_blocks(jnp.where(past, scores, -jnp.inf), min(2, nb), q_len=t,
+                            kv_len=t, block_q=block, block_kv=block,
+                            always=jnp.eye(nb, dtype=bool))
 
 
 def _case_inputs(case: Case, shape, seed: int = 0):
