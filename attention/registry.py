@@ -45,6 +45,10 @@ from attention.routing import biformer as routing_biformer
 from attention.routing import dynamic_mask_attention as routing_dma
 from attention.routing import minference as routing_minference
 from attention.routing import sparsifiner as routing_sparsifiner
+# --- variants: relative position attention, FlashBias ---
+from attention.variants import flash_bias as variants_flash_bias
+from attention.variants import relative_attention as variants_relative
+# --- end variants: relative position attention, FlashBias ---
 
 
 AuxLosses = dict[str, jax.Array]
@@ -155,6 +159,12 @@ _VARIANTS: dict[str, VariantFn] = {
     # Causal, training-free vertical-slash pattern; settings registry_pattern(T).
     'minference': routing_minference.make_registry_variant(),
     # --- end routing: MInference ---
+    # --- variants: relative position attention, FlashBias ---
+    # ALiBi through its score_mod (causal: m (j - i); bidirectional: -m |i - j|).
+    'alibi': variants_relative.alibi_attention,
+    # Causal ALiBi as FlashBias's rank-2 augmented q / k (no bias, any kernel).
+    'alibi_flashbias': variants_flash_bias.alibi_flash_bias_variant,
+    # --- end variants: relative position attention, FlashBias ---
 }
 
 LayerFactory = Callable[..., Any]
@@ -269,6 +279,17 @@ _LAYERS: dict[str, LayerFactory] = {
     'sparsifiner': _non_causal('sparsifiner', lambda d, n, h, *, grid, rngs: (
         _SparsifinerLayer(d, n, h, grid=grid, rngs=rngs))),
     # --- end routing: Sparsifiner ---
+    # --- variants: relative position attention ---
+    # Music Transformer (skewed relative logits), distances clipped at 128.
+    'relative': lambda d, n, h, *, grid, causal, rngs: (
+        variants_relative.RelativeAttention(d, n, h, causal=causal, rngs=rngs)),
+    # T5 bucketed bias (32 buckets, max distance 128; unidirectional when causal).
+    't5_bias': lambda d, n, h, *, grid, causal, rngs: (
+        variants_relative.T5BiasAttention(d, n, h, causal=causal, rngs=rngs)),
+    # Swin 2D relative bias over the token grid (ViT).
+    'relative_2d': _non_causal('relative_2d', lambda d, n, h, *, grid, rngs: (
+        variants_relative.RelativeBias2DAttention(d, n, h, grid=grid, rngs=rngs))),
+    # --- end variants: relative position attention ---
 }
 
 
