@@ -15,3 +15,9 @@ from attention.variants.relative_attention import RelativeAttention
 from attention.variants.relative_attention import RelativeBias2DAttention
 from attention.variants.relative_attention import skew
 from attention.variants.relative_attention import T5BiasAttention
+from attention.variants.mixture_of_heads import from_multi_head_attention
+from attention.variants.mixture_of_heads import head_skipping_attention
+from attention.variants.mixture_of_heads import mixture_of_heads_attention
+from attention.variants.mixture_of_heads import MixtureOfHeadsAttention
+from attention.variants.mixture_of_heads import moh_gates
+from attention.variants.mixture_of_heads import query_norm_gates
