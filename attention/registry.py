@@ -48,6 +48,7 @@ from attention.routing import sparsifiner as routing_sparsifiner
 # --- variants: relative position attention, FlashBias ---
 from attention.variants import flash_bias as variants_flash_bias
 from attention.variants import relative_attention as variants_relative
+from attention.variants import mixture_of_heads as variants_moh  # variants: MoH
 # --- end variants: relative position attention, FlashBias ---
 
 
@@ -290,6 +291,14 @@ _LAYERS: dict[str, LayerFactory] = {
     'relative_2d': _non_causal('relative_2d', lambda d, n, h, *, grid, rngs: (
         variants_relative.RelativeBias2DAttention(d, n, h, grid=grid, rngs=rngs))),
     # --- end variants: relative position attention ---
+    # --- variants: MoH (attention.variants.mixture_of_heads) ---
+    # h_s = N // 4 shared heads, top-k = half of the routed heads (at least 1);
+    # returns the load-balance loss (x 0.01) as 'moh_load_balance'. LM and ViT.
+    'moh': lambda d, n, h, *, grid, causal, rngs: (
+        variants_moh.MixtureOfHeadsAttention(
+            d, n, h, num_shared_heads=n // 4, top_k=max(1, (n - n // 4) // 2),
+            causal=causal, rngs=rngs)),
+    # --- end variants: MoH ---
 }
 
 
