@@ -50,6 +50,10 @@ from attention.variants import flash_bias as variants_flash_bias
 from attention.variants import relative_attention as variants_relative
 from attention.variants import mixture_of_heads as variants_moh  # variants: MoH
 # --- end variants: relative position attention, FlashBias ---
+# --- variants: DaViT, CrossFormer ---
+from attention.variants import channel_attention as variants_channel
+from attention.variants import crossformer as variants_crossformer
+# --- end variants: DaViT, CrossFormer ---
 
 
 AuxLosses = dict[str, jax.Array]
@@ -299,6 +303,22 @@ _LAYERS: dict[str, LayerFactory] = {
             d, n, h, num_shared_heads=n // 4, top_k=max(1, (n - n // 4) // 2),
             causal=causal, rngs=rngs)),
     # --- end variants: MoH ---
+    # --- variants: DaViT, CrossFormer ---
+    # DaViT channel group attention (groups = heads, scale 1 / sqrt(C_g)).
+    'channel_attention': _non_causal('channel_attention', lambda d, n, h, *, grid,
+                                     rngs: variants_channel.ChannelAttention(
+                                         d, n, h, rngs=rngs)),
+    # DaViT dual attention: window attention (W <= 7) at even depth, channel at odd.
+    'davit': _non_causal('davit', lambda d, n, h, *, grid, rngs, layer_index=0: (
+        variants_channel.davit_layer(d, n, h, grid=grid, layer_index=layer_index,
+                                     rngs=rngs))),
+    # CrossFormer SDA (even depth) / LDA (odd), G = I <= 7; layer 0 adds a CEL.
+    'crossformer': _non_causal('crossformer', lambda d, n, h, *, grid, rngs,
+                               layer_index=0: (
+        variants_crossformer.CrossFormerAttention(d, n, h, grid=grid,
+                                                  layer_index=layer_index,
+                                                  rngs=rngs))),
+    # --- end variants: DaViT, CrossFormer ---
 }
 
 
