@@ -22,10 +22,11 @@ Inside a listed tile the logits follow the contract's order (`kernels.problem`):
 scale, soft-cap, score_mod (on broadcast global index arrays, its parameters'
 gradients by `jax.vjp` per tile), bias (its tiles gathered per listed block), then
 visibility: the static inner `Mask` (compiled once at trace time to per-tile states
-and deduplicated bitmaps; FULL / EMPTY tiles read an all-True / all-False bitmap; a
-plain causal inner mask is evaluated from the indices instead), the dense `mask`
-array's tiles, segment ids, and the padding of S. Dropout uses the counter-based keep
-mask of `kernels.problem`, so the result does not depend on the tiling.
+and deduplicated bitmaps; FULL / EMPTY tiles read an all-True / all-False bitmap;
+causal masks and their &, |, ~ combinations are evaluated from the indices), the
+dense `mask` array's tiles, segment ids, and the padding of S. Dropout uses the
+counter-based keep mask of `kernels.problem`, so the result does not depend on the
+tiling.
 
 Backward (`jax.custom_vjp`): the same slot loop recomputes the probabilities from the
 saved log-sum-exp with keys on rows (K Q^T: every dot in the layout XLA:CPU's fast dot
@@ -128,8 +129,28 @@ def _inner_tables(inner: masks_base.Mask, block_q: int, block_kv: int,
   return ids, bitmaps
 
 
-def _is_plain_causal(inner) -> bool:
-  return type(inner) is masks_base.Causal  # pylint: disable=unidiomatic-typecheck
+def _is_index_mask(inner) -> bool:
+  """Whether `inner` is causal masks combined by &, |, ~ (evaluated from indices)."""
+  kind = type(inner)
+  if kind is masks_base.Causal:
+    return True
+  if kind in (masks_base.And, masks_base.Or):
+    return _is_index_mask(inner.a) and _is_index_mask(inner.b)
+  if kind is masks_base.Not:
+    return _is_index_mask(inner.a)
+  return False
+
+
+def _index_mask(inner, q_idx, kv_idx):
+  """The predicate of an `_is_index_mask` mask on broadcast jnp index arrays."""
+  kind = type(inner)
+  if kind is masks_base.Causal:
+    return kv_idx <= q_idx + int(inner.offset)
+  if kind is masks_base.And:
+    return _index_mask(inner.a, q_idx, kv_idx) & _index_mask(inner.b, q_idx, kv_idx)
+  if kind is masks_base.Or:
+    return _index_mask(inner.a, q_idx, kv_idx) | _index_mask(inner.b, q_idx, kv_idx)
+  return ~_index_mask(inner.a, q_idx, kv_idx)
 
 
 def _rows(cfg: _Config, batch: int) -> dict[str, np.ndarray]:
@@ -173,11 +194,11 @@ class _Tiles:
     if q_seg is not None:
       self.q_seg = pad_axis(q_seg, 1, nq * bq, -1).reshape(batch, nq, bq)
       self.kv_seg = pad_axis(kv_seg, 1, nk * bk, -2).reshape(batch, nk, bk)
-    self.causal = None
+    self.index_mask = None
     self.ids = self.bitmaps = None
     if cfg.inner is not None:
-      if _is_plain_causal(cfg.inner):
-        self.causal = int(cfg.inner.offset)
+      if _is_index_mask(cfg.inner):
+        self.index_mask = cfg.inner
       else:
         ids, bitmaps = _inner_tables(cfg.inner, bq, bk, cfg.num_heads)
         self.ids, self.bitmaps = jnp.asarray(ids), jnp.asarray(bitmaps)
@@ -260,10 +281,10 @@ class _Tiles:
     def layout(x):  # [Xc?, u?, bq?, bk?] -> the logits' layout
       return jnp.moveaxis(x, -1, 1) if transposed else x
 
-    if self.causal is not None or self.pad_kv:
+    if self.index_mask is not None or self.pad_kv:
       _, _, q_idx, kv_idx = self.indices(rows, col, transposed, clamp=False)
-      if self.causal is not None:
-        visible = visible & (kv_idx <= q_idx + self.causal)
+      if self.index_mask is not None:
+        visible = visible & _index_mask(self.index_mask, q_idx, kv_idx)
       if self.pad_kv:
         visible = visible & (kv_idx < cfg.kv_len)
     if self.ids is not None:

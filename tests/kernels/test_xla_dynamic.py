@@ -147,7 +147,8 @@ def test_shared_lists_head_dependent_inner_segments_closure():
 
 def test_mixed_units_broadcast_bias_dropout_value_dim():
   """Hm = 2 with GQA 6/3: list rows and kv heads cut the heads differently (units
-  of one); a [1, 1, T, 1] bias (reduced gradient), dropout, head_dim_v != head_dim."""
+  of one); a [1, 1, T, 1] bias (reduced gradient), dropout, head_dim_v != head_dim,
+  a window as causal & ~causal (evaluated from indices, keys past S masked)."""
   rng = np.random.default_rng(2)
   b, t, s, n, kh = 1, 33, 33, 6, 3
   q, k, v = _qkv(rng, b, t, s, n, kh, 8, 12)
@@ -155,7 +156,8 @@ def test_mixed_units_broadcast_bias_dropout_value_dim():
   _check_against_reference(
       q, k, v, blocks, dict(q_len=t, kv_len=s, block_q=16, block_kv=16),
       bias=rng.normal(size=(1, 1, t, 1)), dropout_rate=0.3,
-      dropout_key=jax.random.key(5), inner=masks.causal(t))
+      dropout_key=jax.random.key(5),
+      inner=masks.causal(t) & ~masks.causal(t, offset=-12))
 
 
 def test_batch_lists_key_bias_no_inner():
