@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -226,14 +225,13 @@ class _Tiles:
   def _tile_index(self, x, rows, col):
     """Advanced indices (b, head, q block, kv block) into a `_tile_layout` array."""
     bb, nb, nqb, nkb = x.shape[:4]
-    xc, u = col.shape[0], self.u
+    u = self.u
     zero = jnp.zeros((1, 1), jnp.int32)
     ib = rows['b'][:, None] if bb != 1 else zero
     ih = (rows['unit'][:, None] * u + jnp.arange(u, dtype=jnp.int32)[None]
           if nb != 1 else zero)  # [Xc, u]
     iq = rows['qb'][:, None] if nqb != 1 else zero
     ik = col[:, None] if nkb != 1 else zero
-    del xc
     return ib, ih, iq, ik
 
   def gather_tiles(self, x, rows, col, transposed: bool):
@@ -455,7 +453,7 @@ def _forward(cfg: _Config, q, k, v, kv_indices, kv_counts, bias, sinks, mask, q_
 def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
               sinks, mask, q_seg, kv_seg, out, lse, d_out, d_lse, mod=None, seed=None):
   """(dq, dk, dv, dbias, dsinks, d_mod_floats), recomputing tile by tile."""
-  b, t, n, h = q.shape
+  b, _, _, h = q.shape
   s_len, kh = k.shape[1], k.shape[2]
   hv = v.shape[-1]
   u, bq, bk, nk = cfg.unit, cfg.block_q, cfg.block_kv, cfg.num_kv_blocks
@@ -555,7 +553,6 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
   if sinks is not None and needs.sinks:
     p_sink = jnp.exp(sinks.astype(cdt)[None, :, None] - lse)  # [B, N, T]
     dsinks = jnp.sum(-p_sink * delta, axis=(0, 2)).astype(sinks.dtype)
-  del t, n, hv
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias_out,
           dsinks, dmod)
 
@@ -639,8 +636,7 @@ def config_for(problem: problem_lib.AttentionProblem,
                rows_per_step: int | None = None) -> _Config:
   """The static configuration of a validated problem with a block_mask."""
   dyn = problem.block_mask
-  (b, t, n, _), (_, s, kh, _), _ = problem.shapes
-  del b
+  (_, t, n, _), (_, s, kh, _), _ = problem.shapes
   return _Config(scale=problem.scale, soft_cap=problem.logits_soft_cap,
                  dropout_rate=problem.dropout_rate, q_len=t, kv_len=s,
                  block_q=dyn.block_q, block_kv=dyn.block_kv, num_heads=n,

@@ -1,4 +1,4 @@
-"""The xla path over a traced DynamicBlockMask (kernels/xla/dynamic.py) vs float64 oracles.
+"""The xla path over a traced DynamicBlockMask (kernels/xla/dynamic.py) vs oracles.
 
 The oracle is `kernels.reference` on the same problem (it materialises the block mask
 as a dense [B, N, T, S] mask), in float64, forward and gradients (q, k, v, bias,
@@ -161,7 +161,7 @@ def test_mixed_units_broadcast_bias_dropout_value_dim():
 
 
 def test_batch_lists_key_bias_no_inner():
-  """Bm = B, Hm = K, MQA-free GQA 4/2, [B, 1, 1, S] bias, kv padding without inner."""
+  """Bm = B, Hm = K, GQA 4/2, [B, 1, 1, S] bias, kv padding without an inner mask."""
   rng = np.random.default_rng(3)
   b, t, s, n, kh = 2, 20, 37, 4, 2
   q, k, v = _qkv(rng, b, t, s, n, kh, 8, 8)
@@ -182,7 +182,8 @@ def test_matches_static_path_on_the_same_blocks():
   dyn = masks.top_k_blocks(scores, 2, q_len=t, kv_len=t, block_q=blk, block_kv=blk,
                            always=jnp.eye(nb, dtype=bool), inner=masks.causal(t))
   static = dynamic.static_equivalent(dyn, n)
-  np.testing.assert_array_equal(static.materialize(n), np.asarray(dyn.materialize(n))[0])
+  np.testing.assert_array_equal(static.materialize(n),
+                                np.asarray(dyn.materialize(n))[0])
   got = attention.dot_product_attention(q, k, v, mask=dyn, implementation='xla')
   want = attention.dot_product_attention(q, k, v, mask=static, implementation='xla')
   np.testing.assert_allclose(got, want, atol=2e-6)
