@@ -1,4 +1,4 @@
-r"""Traced block routing on the xla path: simulator predictions vs measured time, quality.
+r"""Routed attention on the xla path: predicted vs measured time, traced vs static.
 
     python -m experiments.benchmark --suite=cpu_core --topics=routing --workdir=/tmp/rt
     python -m experiments.benchmarks.routing --suite=cpu_core --parts=timing
@@ -6,17 +6,17 @@ r"""Traced block routing on the xla path: simulator predictions vs measured time
 
 Parts (one run of the topic does both; `--parts` of this module's own entry picks):
 
-* `timing`. First the simulator (`kernels.xla.cost_model`) is calibrated: a handful
-  of small static and traced calls are timed and its per-machine constants fitted to
-  them (section `calibration`, the constants in section `constants`). Then, each time side by side: every static mask family of
-  the `sparse` topic (`sparse.mask_zoo`), forward and forward+backward (section
-  `static`); every routing method of `attention.routing` (section `method`), its
-  traced call (routing included) next to the static xla call with the same blocks
-  (`kernels.xla.dynamic.static_equivalent`); and the issue's target row (section `target`): T=16384, N=8,
-  H=64, B=1, MoBA top-k keeping 1/8 of the blocks, traced / static forward (target
-  <= 1.25) and forward+backward (target <= 1.35). Every timing row has the
-  simulator's prediction, the measurement and predicted / measured (target: within
-  25%).
+* `timing`. The simulator (`kernels.xla.cost_model`) is calibrated: a handful of
+  small static and traced calls are timed and its per-machine constants fitted to
+  them (section `calibration`; the constants in section `constants`). Then: every
+  static mask family of the `sparse` topic (`sparse.mask_zoo`), forward and
+  forward+backward (section `static`); every routing method of `attention.routing`
+  (section `method`), its traced call (routing included) next to the static xla
+  call with the same blocks (`kernels.xla.dynamic.static_equivalent`); and the
+  issue's target row (section `target`): T=16384, N=8, H=64, B=1, MoBA top-k
+  keeping 1/8 of the blocks, traced / static forward (target <= 1.25) and
+  forward+backward (target <= 1.35). Every timing row has the simulator's
+  prediction, the measurement and predicted / measured (target: within 25%).
 * `quality`. MQAR ("Zoology", Arora et al. 2023) at T = 2048 (cpu_core) with a tiny
   decoder trained once with dense causal attention, then evaluated, with the same
   parameters, with MoBA routing ("MoBA", Lu et al. 2025; parameter-free gate) and
@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -147,12 +144,18 @@ QUALITY = {
     'tiny': dict(seq_len=64, block=16, top_ks=(2,), steps=2, batch=4, dim=16,
                  depth=1, heads=2, pairs=4, vocab=8, eval_batches=1,
                  learning_rate=3e-3, distill_steps=2, distill_learning_rate=1e-3),
-    'quick': dict(seq_len=512, block=64, top_ks=(1, 2, 4, 8), steps=200, batch=16,
-                  dim=64, depth=2, heads=2, pairs=16, vocab=64, eval_batches=4,
+    # About 3 minutes on the busy 2-core machine; dense reached 25% (chance 6%) after
+    # 500 steps there: not yet converged.
+    'quick': dict(seq_len=512, block=64, top_ks=(1, 2, 4, 8), steps=500, batch=16,
+                  dim=64, depth=2, heads=2, pairs=8, vocab=16, eval_batches=4,
                   learning_rate=3e-3, distill_steps=50, distill_learning_rate=1e-3),
-    # About 15 minutes on 2 CPU cores (training dominates).
-    'cpu_core': dict(seq_len=2048, block=128, top_ks=(1, 2, 4, 8, 16), steps=600,
-                     batch=8, dim=64, depth=2, heads=2, pairs=32, vocab=64,
+    # Training dominates: 0.57 s per step measured on the busy 2-core machine (about
+    # 0.35 s expected on a quiet one), so 1500 steps take 9-14 minutes, plus about
+    # 2 minutes of distillation and evaluation (not run here). Of the 16 blocks,
+    # top_k = 4 lists 23% of all 16 x 16 blocks (block_density) and top_k = 2 23% of
+    # the 136 causal ones (causal_block_fraction): the two readings of "1/4 density".
+    'cpu_core': dict(seq_len=2048, block=128, top_ks=(1, 2, 4, 8, 16), steps=1500,
+                     batch=8, dim=64, depth=2, heads=2, pairs=8, vocab=16,
                      eval_batches=4, learning_rate=3e-3, distill_steps=100,
                      distill_learning_rate=1e-3),
 }
@@ -741,29 +744,36 @@ def run(suite: str, workdir: str, parts: Sequence[str] = ('timing', 'quality')
   return rows
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def run_and_write(suite: str, workdir: str, parts: Sequence[str]
+                 ) -> list[dict[str, Any]]:
+  """`run`, then <workdir>/routing[_part].json / .csv / .md (this module's entry)."""
   from experiments import benchmark  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
-  fv = flags.FLAGS
-  workdir = fv.workdir or '/tmp/attnlab_bench'
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  rows = run(fv.suite, workdir, fv.parts)
-  topic = 'routing' if len(fv.parts) == 2 else f'routing_{fv.parts[0]}'
+  rows = run(suite, workdir, parts)
+  topic = 'routing' if len(set(parts)) == 2 else f'routing_{parts[0]}'
   benchmark.write_rows(workdir, topic, rows)
-  text = (f'# routing ({", ".join(fv.parts)}), suite={fv.suite}, '
+  text = (f'# routing ({", ".join(parts)}), suite={suite}, '
           f'{time.perf_counter() - start:.1f} s\n\n' + benchmark.markdown_table(rows))
   with open(os.path.join(workdir, f'{topic}.md'), 'w') as f:
     f.write(text + '\n')
   print(text)
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
+  fv = flags.FLAGS
+  run_and_write(fv.suite, fv.workdir or '/tmp/attnlab_bench', fv.parts)
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from experiments import benchmark as _benchmark  # pylint: disable=g-import-not-at-top,unused-import  (defines --suite, --workdir)
+  # experiments.benchmark defines --suite and --workdir.
+  from experiments import benchmark as _benchmark  # pylint: disable=g-import-not-at-top,unused-import
   flags.DEFINE_list('parts', ['timing', 'quality'],
                     "Parts to run: 'timing', 'quality'.")
   app.run(main)

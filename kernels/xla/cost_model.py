@@ -1,4 +1,4 @@
-"""Time model of the plan the blocked XLA attention runs: counted work x fitted constants.
+"""Time model of the plans the blocked XLA attention runs: counted work x constants.
 
 The xla path (`kernels.xla.attention`) runs a static plan: per set of query heads
 sharing one block structure, lane groups of query blocks (forward) or kv blocks
@@ -29,6 +29,9 @@ forward once and then the backward, so a forward+backward call is their sum.
 """
 
 from __future__ import annotations
+
+# This module mirrors the private planning functions of kernels.xla.
+# pylint: disable=protected-access
 
 import dataclasses
 from typing import Any, Sequence
@@ -156,7 +159,7 @@ def fit(works: Sequence[Work], seconds: Sequence[float]) -> Fit:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StaticPlan:
-  """The plans `kernels.xla.attention` builds for one call (same choices, same cache)."""
+  """The plans `kernels.xla.attention` builds for one call (its choices, its cache)."""
   fwd: plan_lib._Plan
   bwd: plan_lib._Plan  # the backward's plan (`fwd` when the tiles are the same)
   fused: bool
@@ -207,27 +210,27 @@ def static_plan(mask_obj: masks_base.Mask | None, *, batch: int, q_len: int,
   head_dim = _positive('head_dim', head_dim)
   value_dim = _positive('value_dim', head_dim if value_dim is None else value_dim)
   itemsize = _positive('itemsize', itemsize)
-  tiling._check_mask_obj(mask_obj, q_len, kv_len)  # pylint: disable=protected-access
-  opts = [tiling._check_block_arg(n, v) for n, v in (  # pylint: disable=protected-access
+  tiling._check_mask_obj(mask_obj, q_len, kv_len)
+  opts = [tiling._check_block_arg(n, v) for n, v in (
       ('block_q', block_q), ('block_kv', block_kv), ('kv_chunk', kv_chunk),
       ('lanes', lanes), ('bwd_block_q', bwd_block_q), ('bwd_block_kv', bwd_block_kv))]
   block_q, block_kv, kv_chunk, lanes, bwd_block_q, bwd_block_kv = opts
   if fused is not None and not isinstance(fused, bool):
     raise TypeError(f'fused must be a bool or None, got {type(fused).__name__}.')
-  bq, bk, chunk = tiling._auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv,  # pylint: disable=protected-access
+  bq, bk, chunk = tiling._auto_tiling(q_len, kv_len, mask_obj, block_q, block_kv,
                                       kv_chunk, head_dim)
-  bwd_q, bwd_kv = tiling._auto_bwd_tiling(q_len, kv_len, (bq, bk, chunk),  # pylint: disable=protected-access
+  bwd_q, bwd_kv = tiling._auto_bwd_tiling(q_len, kv_len, (bq, bk, chunk),
                                           bwd_block_q, bwd_block_kv)
   structure = (mask_obj if mask_obj is not None else
-               plan_lib._AllVisible((q_len, kv_len)))  # pylint: disable=protected-access
-  fwd = plan_lib._make_plan(structure, num_heads, num_kv_heads, bq, bk,  # pylint: disable=protected-access
+               plan_lib._AllVisible((q_len, kv_len)))
+  fwd = plan_lib._make_plan(structure, num_heads, num_kv_heads, bq, bk,
                             batch * num_heads, lanes, chunk)
   bwd = fwd
   if (bwd_q, bwd_kv) != (bq, bk) or chunk != 1:
-    bwd = plan_lib._make_plan(structure, num_heads, num_kv_heads, bwd_q, bwd_kv,  # pylint: disable=protected-access
+    bwd = plan_lib._make_plan(structure, num_heads, num_kv_heads, bwd_q, bwd_kv,
                               batch * num_heads, lanes, 1)
   if fused is None:
-    fused = tiling._auto_fused(bq, bk, chunk, head_dim,  # pylint: disable=protected-access
+    fused = tiling._auto_fused(bq, bk, chunk, head_dim,
                                group=num_heads // num_kv_heads,
                                batch_items=batch * num_kv_heads)
   return StaticPlan(fwd=fwd, bwd=bwd, fused=fused, batch=batch, q_len=q_len,
@@ -297,7 +300,7 @@ def _real_partial(lists: plan_lib._Lists, rows: int, empty: int) -> np.ndarray:
 
 def _is_big(rows: int, width: int, inner: int) -> bool:
   """Whether XLA:CPU runs a dot of this per-batch-item shape on every core."""
-  return rows * width * inner >= tiling._THREADED_DOT  # pylint: disable=protected-access
+  return rows * width * inner >= tiling._THREADED_DOT
 
 
 def _forward_work(sp: StaticPlan) -> Work:
@@ -324,11 +327,17 @@ def _forward_work(sp: StaticPlan) -> Work:
                         int(lists.full_trips.sum()))
     loops = sum(int(not (tr == tr[0]).all()) for tr in
                 (lists.full_trips, lists.part_trips) if tr.size)
+    # A step gathers the k / v tiles of every kv head, then takes the group's
+    # (`_Tiles.kv`); a lane-group step slices the query tiles of every head, then
+    # takes the group's (`_q_tiles`).
+    kv_read = ku if grp.all_kv else sp.num_kv_heads
+    q_read = (sp.num_heads if len(grp.heads) != sp.num_heads else ku * gu)
     work = work + Work(
         steps=float(steps + g + loops * g), logits=passes * elements * steps,
         masked_logits=passes * elements * masked,
-        bytes=float(isz * (steps * items * width * (h + hv + 1) +  # k, v tiles
-                           g * items * rows * (h + hv)))) + Work(**{kind: flops})
+        bytes=float(isz * (steps * c * b * kv_read * width * (h + hv + 1) +
+                           g * c * b * bq * (q_read * h + ku * gu * hv)))
+    ) + Work(**{kind: flops})
   return work
 
 
@@ -397,7 +406,7 @@ def default_rows_per_step(dyn: masks_dynamic.DynamicBlockMask, *, num_heads: int
                           num_kv_heads: int) -> int:
   """The rows per slot step `kernels.xla.dynamic.attention` uses by default."""
   from kernels.xla import dynamic  # pylint: disable=g-import-not-at-top
-  cfg = dynamic._Config(  # pylint: disable=protected-access
+  cfg = dynamic._Config(
       scale=1.0, soft_cap=None, dropout_rate=0.0, q_len=dyn.q_len, kv_len=dyn.kv_len,
       block_q=dyn.block_q, block_kv=dyn.block_kv, num_heads=num_heads,
       kv_heads=num_kv_heads, list_batch=dyn.batch, list_heads=dyn.num_heads,

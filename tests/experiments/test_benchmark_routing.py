@@ -89,3 +89,23 @@ def test_routing_topic_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
   for r in quality:
     assert 0.0 <= r['accuracy'] <= 1.0 and r['seq_len'] == q['seq_len']
   assert '| section |' in open(os.path.join(tmp_path, 'results.md')).read()
+
+
+def test_module_entry_writes_rows_per_part(tmp_path, monkeypatch):
+  """`python -m experiments.benchmarks.routing --parts=...` writes routing_<part>.*
+  (the rows themselves are checked end to end above)."""
+  calls = []
+
+  def fake_run(suite, workdir, parts):
+    calls.append((suite, workdir, tuple(parts)))
+    return [dict(section=parts[0], name='x', measured_ms=1.5)]
+
+  monkeypatch.setattr(routing_bench, 'run', fake_run)
+  for parts, topic in ((['quality'], 'routing_quality'),
+                       (['timing', 'quality'], 'routing')):
+    rows = routing_bench.run_and_write('quick', str(tmp_path), parts)
+    assert json.load(open(os.path.join(tmp_path, f'{topic}.json'))) == rows
+    assert '| section | name | measured_ms |' in open(
+        os.path.join(tmp_path, f'{topic}.md')).read()
+  assert calls == [('quick', str(tmp_path), ('quality',)),
+                   ('quick', str(tmp_path), ('timing', 'quality'))]
