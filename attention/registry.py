@@ -54,6 +54,11 @@ from attention.variants import mixture_of_heads as variants_moh  # variants: MoH
 from attention.variants import channel_attention as variants_channel
 from attention.variants import crossformer as variants_crossformer
 # --- end variants: DaViT, CrossFormer ---
+# --- variants: HyperAttention, landmark, GAAM ---
+from attention.variants import gaussian_adaptive_attention as variants_gaam
+from attention.variants import hyper_attention as variants_hyper
+from attention.variants import landmark_attention as variants_landmark
+# --- end variants: HyperAttention, landmark, GAAM ---
 
 
 AuxLosses = dict[str, jax.Array]
@@ -170,6 +175,11 @@ _VARIANTS: dict[str, VariantFn] = {
     # Causal ALiBi as FlashBias's rank-2 augmented q / k (no bias, any kernel).
     'alibi_flashbias': variants_flash_bias.alibi_flash_bias_variant,
     # --- end variants: relative position attention, FlashBias ---
+    # --- variants: HyperAttention (attention.variants.hyper_attention) ---
+    # The reference code's settings (b = m = 256, exact below 4096, r = 7); fixed
+    # key (see make_registry_variant); no mask / sinks / soft-cap.
+    'hyper': variants_hyper.make_registry_variant(),
+    # --- end variants: HyperAttention ---
 }
 
 LayerFactory = Callable[..., Any]
@@ -319,6 +329,12 @@ _LAYERS: dict[str, LayerFactory] = {
                                                   layer_index=layer_index,
                                                   rngs=rngs))),
     # --- end variants: DaViT, CrossFormer ---
+    # --- variants: landmark, GAAM ---
+    # Landmark: causal, block 16, grouped softmax (layer.mode = 'retrieve' for
+    # top-2 retrieval). GAAM: q / k recalibrated per head, then softmax attention.
+    'landmark': variants_landmark.registry_layer,
+    'gaam': variants_gaam.registry_layer,
+    # --- end variants: landmark, GAAM ---
 }
 
 
