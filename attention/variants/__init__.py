@@ -36,3 +36,11 @@ from attention.variants.crossformer import CrossScaleEmbedding
 from attention.variants.dual_cross_attention import attention_rollout
 from attention.variants.dual_cross_attention import global_local_cross_attention
 from attention.variants.dual_cross_attention import pairwise_cross_attention
+from attention.variants.hyper_attention import merge_attention
+from attention.variants.hyper_attention import sort_lsh_permutation
+from attention.variants.landmark_attention import grouped_softmax
+from attention.variants.landmark_attention import insert_landmarks
+from attention.variants.landmark_attention import landmark_retrieval_attention
+from attention.variants.landmark_attention import LandmarkAttention
+from attention.variants.gaussian_adaptive_attention import GAAMAttention
+from attention.variants.gaussian_adaptive_attention import GaussianAdaptiveAttention
