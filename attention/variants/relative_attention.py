@@ -247,10 +247,10 @@ class RelativeAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, causal: bool = True,
                max_distance: int = 128, implementation: str | None = None,
                rngs: nnx.Rngs):
-    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     self.causal = _check_bool('causal', causal)
     d = _check_int('max_distance', max_distance)
     rows = d + 1 if self.causal else 2 * d + 1
+    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     self.rel_embeddings = _param(rngs, (rows, num_heads, head_dim), head_dim ** -0.5,
                                  (None, 'heads', 'head_dim'))
     self.implementation = implementation
@@ -274,12 +274,12 @@ class T5BiasAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, causal: bool = True,
                num_buckets: int = 32, max_distance: int = 128,
                implementation: str | None = None, rngs: nnx.Rngs):
-    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     self.causal = _check_bool('causal', causal)
     # Validates the bucket settings and draws the table once.
     mod = score_mods.t5_relative_bias(
         num_heads, num_buckets=num_buckets, max_distance=max_distance,
         bidirectional=not self.causal, key=rngs.params())
+    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     self.num_buckets, self.max_distance = int(num_buckets), int(max_distance)
     self.table = nnx.Param(mod.params, logical_axes=(None, 'heads'))
     self.implementation = implementation
@@ -306,8 +306,8 @@ class RelativeBias2DAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, head_dim: int, *,
                grid: Sequence[int], implementation: str | None = None,
                rngs: nnx.Rngs):
-    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     mod = score_mods.relative_bias_2d(tuple(grid), num_heads, key=rngs.params())
+    self.proj = _Projections(dim, num_heads, head_dim, rngs=rngs)
     self.grid = (int(grid[0]), int(grid[1]))
     self.table = nnx.Param(mod.params, logical_axes=(None, 'heads'))
     self.implementation = implementation
