@@ -644,14 +644,16 @@ def benchmark_head_skipping(*, batch: int = 1, seq_len: int = 4096,
                             num_shared_heads: int = 2, top_k: int | None = None,
                             causal: bool = False, capacity_factor: float = 1.0,
                             repeats: int = 5, implementation: str | None = None,
-                            seed: int = 0) -> dict[str, Any]:
+                            layer: bool = True, seed: int = 0) -> dict[str, Any]:
   """Times the MoH layer's head-skipping inference forward against the dense layer.
 
   Both layers share W_q, W_k, W_v, W_O (D = N H); the dense layer is plain
   multi-head attention (every head on, the same implementation), the MoH layer
   routes with its learned router (random init) and skips. Each is jitted, warmed
   up once, then timed `repeats` times side by side in this process; medians
-  reported.
+  reported. layer=False times the attention alone (`head_skipping_attention` vs
+  `attention.dot_product_attention` on the layer's q, k, v and gates), without the
+  projections both layers share.
 
   Returns:
     dict: dense_s, skip_s, ratio (skip / dense), skipped_fraction (static share of
@@ -660,12 +662,12 @@ def benchmark_head_skipping(*, batch: int = 1, seq_len: int = 4096,
   e = num_heads - num_shared_heads
   top_k = max(1, e // 2) if top_k is None else top_k
   dim = num_heads * head_dim
-  layer = MixtureOfHeadsAttention(
+  moh_layer = MixtureOfHeadsAttention(
       dim, num_heads, head_dim, num_shared_heads=num_shared_heads, top_k=top_k,
       causal=causal, capacity_factor=capacity_factor, implementation=implementation,
       rngs=nnx.Rngs(seed))
   x = jax.random.normal(jax.random.key(seed), (batch, seq_len, dim), jnp.float32)
-  graphdef, state = nnx.split(layer)
+  graphdef, state = nnx.split(moh_layer)
 
   @jax.jit
   def dense(state, x):
@@ -681,9 +683,22 @@ def benchmark_head_skipping(*, batch: int = 1, seq_len: int = 4096,
   def skip(state, x):
     return nnx.merge(graphdef, state).forward_with_stats(x)
 
+  inputs = (state, x)
+  if not layer:  # the attention alone, on the layer's projections and gates
+    q, k, v = jax.jit(lambda st, x: nnx.merge(graphdef, st).qkv(x))(state, x)
+    gates = jax.jit(lambda st, x: nnx.merge(graphdef, st).routing(x).gates)(
+        state, x)
+    inputs = (q, k, v, gates)
+    dense = jax.jit(lambda q, k, v, g: api.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=implementation))
+    skip = jax.jit(lambda q, k, v, g: head_skipping_attention(
+        q, k, v, g, num_shared_heads=num_shared_heads, top_k=top_k,
+        capacity_factor=capacity_factor, is_causal=causal,
+        implementation=implementation))
+
   def once(fn):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(state, x))
+    jax.block_until_ready(fn(*inputs))
     return time.perf_counter() - t0
 
   once(dense), once(skip)  # compile + warm up
@@ -692,10 +707,11 @@ def benchmark_head_skipping(*, batch: int = 1, seq_len: int = 4096,
     dense_t.append(once(dense))
     skip_t.append(once(skip))
 
-  _, stats = skip(state, x)
+  _, stats = skip(*inputs)
   d_s, s_s = float(np.median(dense_t)), float(np.median(skip_t))
   return dict(batch=batch, seq_len=seq_len, num_heads=num_heads, head_dim=head_dim,
               num_shared_heads=num_shared_heads, top_k=top_k, causal=causal,
+              layer=layer,
               implementation=implementation, backend=jax.default_backend(),
               dense_s=d_s, skip_s=s_s, ratio=s_s / d_s,
               skipped_fraction=float(stats['skipped_fraction']),
