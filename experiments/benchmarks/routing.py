@@ -25,6 +25,11 @@ Parts (one run of the topic does both; `--parts` of this module's own entry pick
   dense: the accuracy-vs-density curve (section `quality`; target: within 5 points
   of dense at 1/4 density).
 
+Durations on the shared 2-core machine (busy, load 4-10): quick timing 2-4 min;
+cpu_core timing about 8 min (estimated: its calibration and target rows alone took
+2 min 51 s); cpu_core quality about 12-16 min (estimated from 0.57 s per training
+step, 1500 steps; not run here).
+
 Every call of the timing part (calibration included) is timed in the same rounds,
 each round in a fresh random order (`_time_all`), so the constants and the rows they
 predict see the same machine; times are the minima over rounds, in milliseconds
