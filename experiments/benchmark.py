@@ -2,6 +2,7 @@ r"""Benchmarks: speed, memory and quality of attention implementations and studi
 
   python -m experiments.benchmark --suite=quick --workdir=/tmp/attnlab_bench
   python -m experiments.benchmark --suite=cpu_core --topics=attention,xla_attention
+  python -m experiments.benchmark --suite=cpu_core --topics=variants --workdir=/tmp/var
 
 Each topic is a module of `experiments.benchmarks` with `run(suite, workdir)`. Results go
 to <workdir>/<topic>.json and .csv, plots to <workdir>/<topic>_*.png, and a markdown
