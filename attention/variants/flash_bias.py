@@ -22,11 +22,12 @@ group's stacked biases gives the optimal shared key factor.
 
 Precision: the augmented columns carry magnitudes up to ~max|slope| * T / 2, so in
 float32 the logits of the low-rank path carry an absolute error of ~that times 2^-24
-(0.5 * 8192 * 6e-8 = 2.4e-4 at T = 16384 for the steepest ALiBi head); float32
-matmuls must run at full precision (the xla and reference implementations use
-Precision.HIGHEST; TF32 / one-pass bfloat16 would lose the bias), and bfloat16 inputs
-cannot represent positions beyond 256 exactly. Pallas GPU pads head dims to a power
-of two, so H = 64 plus R = 2 becomes 128 there.
+(0.5 * 8192 * 6e-8 = 2.4e-4 at T = 16384 for the steepest ALiBi head; measured on
+CPU, xla, T = 16384, N = 8, H = 64: output relative error 2.5e-5 vs ALiBi as a
+score_mod). float32 matmuls must run at full precision (the xla and reference
+implementations use Precision.HIGHEST; TF32 / one-pass bfloat16 would lose the bias),
+and bfloat16 inputs cannot represent positions beyond 256 exactly. Pallas GPU pads
+head dims to a power of two, so H = 64 plus R = 2 becomes 128 there.
 
 Einsum letters: b batch, t query position, s key position, n query head, k kv head,
 g query head within its kv group, r rank, h head dim.
@@ -164,6 +165,10 @@ def svd_bias_factors(bias: jax.Array, rank: int, *, num_kv_heads: int | None = N
   Returns:
     (U [B', T, N, R], V [B', S, K, R], rel_error) with B' = B (1 for a rank-3 bias)
     and rel_error = ||bias - U V^T||_F / ||bias||_F (0 for a zero bias), a scalar.
+    It understates the attention error where the bias has a cusp: softmax reacts
+    to absolute logit errors near each row's maximum (measured, T = 2048 causal,
+    -m_n ||p_i - p_j|| on a 32 x 64 grid, rank 16: bias error 1.2e-2, output error
+    0.34; the rank-4 squared distance: 3e-7 and 7e-6).
   """
   _checks.check_array('bias', bias, floating=True)
   if bias.ndim not in (3, 4):
