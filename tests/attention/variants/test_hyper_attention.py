@@ -224,6 +224,9 @@ def test_error_falls_as_the_budget_grows():
     means.append(np.mean(errs))
   assert means[0] > means[1] > 0.0, means
   assert means[2] < 1e-6, means
+  q, k, v = ha.clustered_qkv(0, seq_len=48, num_heads=2, head_dim=8)
+  assert ha.relative_error(q, k, v, rng=jax.random.key(0), relative_to='values',
+                           min_seq_len=48) < 1e-6  # below the threshold: exact
 
 
 def test_bad_input_names_the_argument():
@@ -246,6 +249,8 @@ def test_bad_input_names_the_argument():
                        rng=key)
   with pytest.raises(ValueError, match='key length'):
     ha.hyper_attention(q, q[:, :4], q[:, :4], rng=key, is_causal=True)
+  with pytest.raises(ValueError, match='relative_to'):
+    ha.relative_error(q, q, q, rng=key, relative_to='max')
   variant = ha.make_registry_variant()
   with pytest.raises(ValueError, match='mask'):
     variant(q, q, q, mask=np.ones((8, 8), bool), is_causal=True, sinks=None,

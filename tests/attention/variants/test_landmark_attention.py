@@ -54,7 +54,8 @@ def test_insert_landmarks_layout():
       np.asarray(la.remove_landmarks(xa, block_size=3)), np.asarray(x))
 
 
-@pytest.mark.parametrize('length', [14, 12])  # partial last block / ends with a landmark
+# 14: a partial last block; 12: ends with a landmark.
+@pytest.mark.parametrize('length', [14, 12])
 def test_grouped_softmax_equals_the_definition(length):
   rng = np.random.default_rng(0)
   s = rng.normal(size=(1, 2, length, length)) * 2
