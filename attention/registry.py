@@ -22,8 +22,6 @@ One registry the library exports and the training binary resolves by name
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import inspect
 from typing import Any, Callable
 
@@ -368,19 +366,27 @@ def check_name(name: str) -> None:
 
 def make_layer(name: str, dim: int, num_heads: int, head_dim: int, *,
                grid: tuple[int, ...] | None, causal: bool, rngs: Any,
-               layer_index: int = 0) -> Any:
+               layer_index: int = 0, implementation: str | None = None) -> Any:
   """The token-mixer layer registered as `name`.
 
   `layer_index` (the block's depth) reaches factories that take it (e.g. VMoBA's
-  partition cycling); others never see it.
+  partition cycling); others never see it. `implementation` (the model's
+  `attention.implementation`), when given, is set on every submodule that dispatches
+  `dot_product_attention` (those with an `implementation` attribute); a layer with
+  no such submodule (the linear family, FocalNets) has its own forms.
   """
   if name not in _LAYERS:
     raise ValueError(f'attention layer must be one of {available_layers()}, got '
                      f'{name!r}.')
   factory = _LAYERS[name]
   extra = dict(layer_index=layer_index) if _accepts(factory, 'layer_index') else {}
-  return factory(dim, num_heads, head_dim, grid=grid, causal=causal, rngs=rngs,
-                 **extra)
+  layer = factory(dim, num_heads, head_dim, grid=grid, causal=causal, rngs=rngs,
+                  **extra)
+  if implementation is not None:
+    for _, node in nnx.iter_graph(layer):
+      if isinstance(node, nnx.Module) and hasattr(node, 'implementation'):
+        node.implementation = implementation
+  return layer
 
 
 def register_variant(name: str, fn: VariantFn) -> None:

@@ -178,7 +178,8 @@ class TokenMixer(nnx.Module):
                spec: AttentionSpec, *, rngs: nnx.Rngs, layer_index: int = 0):
     self.layer = registry.make_layer(spec.variant, dim, num_heads, head_dim,
                                      grid=spec.grid, causal=spec.causal,
-                                     rngs=rngs, layer_index=layer_index)
+                                     rngs=rngs, layer_index=layer_index,
+                                     implementation=spec.implementation)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, registry.AuxLosses]:
     out = self.layer(x)

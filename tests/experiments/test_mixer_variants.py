@@ -146,3 +146,11 @@ def test_layer_aux_losses_reach_the_model_and_bad_returns_raise(monkeypatch):
                           rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=r'must return y or \(y, aux_losses'):
     bad(jnp.zeros((1, 4, 8)))
+
+
+def test_layers_take_the_models_implementation():
+  spec = layers.AttentionSpec(variant='moh', causal=True, implementation='reference')
+  mixer = layers.TokenMixer(16, 4, 4, spec, rngs=nnx.Rngs(0))
+  assert mixer.layer.implementation == 'reference'
+  spec = layers.AttentionSpec(variant='moh', causal=True)
+  assert layers.TokenMixer(16, 4, 4, spec, rngs=nnx.Rngs(0)).layer.implementation is None
