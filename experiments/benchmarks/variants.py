@@ -92,6 +92,9 @@ import numpy as np
 import attention
 from attention import registry
 from attention import score_mods
+from attention.variants import flash_bias
+from attention.variants import hyper_attention
+from attention.variants import mixture_of_heads
 from experiments import data as data_lib
 from experiments import train_lib
 from experiments.benchmarks import common
@@ -233,11 +236,6 @@ def _qkv(t: int, n: int, h: int, seed: int = 0):
   return tuple(_normal((1, t, n, h), seed + i) for i in range(3))
 
 
-def _missing(section: str, name: str, error: Exception) -> list[dict[str, Any]]:
-  """The row of a method whose module is not in this checkout."""
-  return [make_row(section, name, status=f'n/a: {type(error).__name__}: {error}')]
-
-
 # ----------------------------------------------------------------------------------
 # MoH.
 # ----------------------------------------------------------------------------------
@@ -245,10 +243,6 @@ def _missing(section: str, name: str, error: Exception) -> list[dict[str, Any]]:
 
 def moh_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
   """MoH head-skipping inference vs the dense multi-head layer (section `moh`)."""
-  try:
-    from attention.variants import mixture_of_heads  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return _missing('moh', 'moh', e)
   rows = []
   n = cfg['heads']
   for shared in cfg['moh_shared']:
@@ -257,7 +251,7 @@ def moh_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
       r = mixture_of_heads.benchmark_head_skipping(
           seq_len=cfg['moh_len'], num_heads=n, head_dim=cfg['head_dim'],
           num_shared_heads=shared, top_k=max(1, routed // 2), causal=causal,
-          repeats=cfg['rounds'], implementation='xla')
+          repeats=cfg['rounds'], implementation='xla', layer=True)
       rows.append(_ratio_row(
           'moh', 'moh_head_skipping', r['skip_s'], 'dense multi-head layer',
           r['dense_s'], TARGETS['moh'],
@@ -277,10 +271,6 @@ def moh_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def flash_bias_alibi_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
   """FlashBias ALiBi vs the plain causal forward (section `flash_bias_alibi`)."""
-  try:
-    from attention.variants import flash_bias  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return _missing('flash_bias_alibi', 'flash_bias_alibi', e)
   t, n, h = cfg['alibi_len'], cfg['heads'], cfg['head_dim']
   q, k, v = _qkv(t, n, h)
   alibi = score_mods.alibi(n)
@@ -327,10 +317,6 @@ def distance_2d_bias(grid: tuple[int, int], num_heads: int) -> jax.Array:
 
 def flash_bias_svd_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
   """SVD rank-R FlashBias vs the dense-bias path (section `flash_bias_svd`)."""
-  try:
-    from attention.variants import flash_bias  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return _missing('flash_bias_svd', 'flash_bias_svd', e)
   t, n, h, rank = cfg['svd_len'], cfg['heads'], cfg['head_dim'], cfg['svd_rank']
   if math.prod(cfg['svd_grid']) != t:
     raise ValueError(f'svd_grid {cfg["svd_grid"]} must hold svd_len={t} tokens.')
@@ -393,10 +379,6 @@ def hyper_error_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
   Inputs `hyper_attention.clustered_qkv(seed)` (one head), rng key(seed); the exact
   output is computed once per (length, seed) and shared by the budgets.
   """
-  try:
-    from attention.variants import hyper_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return _missing('hyper_error', 'hyper_attention', e)
   exact = jax.jit(lambda q, k, v: attention.dot_product_attention(
       q, k, v, implementation='xla'))
   approx = {b: jax.jit(functools.partial(
@@ -429,10 +411,6 @@ def hyper_error_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def hyper_time_rows(cfg: dict[str, Any]) -> list[dict[str, Any]]:
   """HyperAttention vs exact attention time (section `hyper_time`)."""
-  try:
-    from attention.variants import hyper_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return _missing('hyper_time', 'hyper_attention', e)
   t, n, h = cfg['hyper_time_len'], cfg['heads'], cfg['head_dim']
   q, k, v = hyper_attention.clustered_qkv(0, seq_len=t, num_heads=n, head_dim=h)
   settings = dict(block_size=256, sample_size=256, min_seq_len=4096, num_projs=7)
