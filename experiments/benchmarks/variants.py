@@ -67,7 +67,7 @@ Default (`cpu_core`) quality sizes: decoder dim 32, depth 2, 2 heads, MQAR T=64 
 key-value pairs over 16 keys / 16 values, batch 32, 500 steps at learning rate 1e-2
 (softmax: eval accuracy 0.999 measured; 0.70 at 300 steps); ViT dim 32, depth 2,
 16 x 16 bars images in 4 x 4 patches (16 tokens), batch 32, 200 steps (softmax 1.0).
-With the 36 names registered now: 72 rows, 55 of them trained, each ~2-5 s of
+With the 35 names registered now: 70 rows, 49 of them trained, each ~2-5 s of
 compilation on a quiet 2-core CPU plus 500 x 2048 tokens at 64k-380k tokens/s
 (measured: softmax 380k, MoH 360k, lightnet_layer 64k): an estimated 8-12 minutes
 quiet (~20 loaded), plus ~5 for the timing part.
