@@ -31,7 +31,7 @@ def _train(model, batch_loss, steps=6):
   return np.asarray(losses)
 
 
-@pytest.mark.parametrize('variant', ['moba', 'seer_attention_distill'])
+@pytest.mark.parametrize('variant', ['seer_attention_distill'])
 def test_tiny_lm_loss_decreases(variant):
   config = lm_configs.get_config('tiny')
   config.model.attention.variant = variant
@@ -51,7 +51,7 @@ def test_tiny_lm_loss_decreases(variant):
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0]
 
 
-@pytest.mark.parametrize('variant', ['vmoba', 'sparsifiner'])
+@pytest.mark.parametrize('variant', ['vmoba'])
 def test_tiny_vit_loss_decreases(variant):
   config = vit_configs.get_config('tiny')
   config.model.attention.variant = variant
