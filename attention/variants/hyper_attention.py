@@ -151,8 +151,9 @@ def merge_attention(out1: jax.Array, lse1: jax.Array, out2: jax.Array,
   """Two softmax attentions over disjoint key sets as one (log-sum-exp merge).
 
   out_i [B, T, N, H_v], lse_i [B, N, T] (-inf: the part saw no key). Returns
-  (out in out1's dtype, lse float32); rows where both lse are -inf give zeros and
-  -inf, never NaN (the reference code's `add_self_attentions`).
+  (out in out1's dtype, lse in at least float32; float64 inputs merge in float64);
+  rows where both lse are -inf give zeros and -inf, never NaN (the reference code's
+  `add_self_attentions`).
   """
   for name, o, l in (('out1', out1, lse1), ('out2', out2, lse2)):
     if o.ndim != 4 or l.shape != (o.shape[0], o.shape[2], o.shape[1]):
@@ -161,7 +162,8 @@ def merge_attention(out1: jax.Array, lse1: jax.Array, out2: jax.Array,
   if out1.shape != out2.shape:
     raise ValueError(f'out2 must have the shape of out1 {list(out1.shape)}, got '
                      f'{list(out2.shape)}.')
-  l1, l2 = lse1.astype(jnp.float32), lse2.astype(jnp.float32)
+  cdt = jnp.promote_types(jnp.result_type(out1, out2, lse1, lse2), jnp.float32)
+  l1, l2 = lse1.astype(cdt), lse2.astype(cdt)
   m = jnp.maximum(l1, l2)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   e1, e2 = jnp.exp(l1 - m), jnp.exp(l2 - m)  # [B, N, T]
@@ -171,7 +173,7 @@ def merge_attention(out1: jax.Array, lse1: jax.Array, out2: jax.Array,
   lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
   w1 = jnp.swapaxes(e1 / safe, 1, 2)[..., None]  # [B, T, N, 1]
   w2 = jnp.swapaxes(e2 / safe, 1, 2)[..., None]
-  out = w1 * out1.astype(jnp.float32) + w2 * out2.astype(jnp.float32)
+  out = w1 * out1.astype(cdt) + w2 * out2.astype(cdt)
   return out.astype(out1.dtype), lse
 
 

@@ -385,6 +385,23 @@ def _chunked(cfg: _Config, num_rows: int, xs: dict[str, jax.Array]):
   return c, step, out
 
 
+def _by_count(cfg: _Config, num_rows: int, xs: dict[str, jax.Array]):
+  """Rows reordered by their list count (traced), so each chunk's loop, which runs to
+  the largest count in the chunk, wastes few masked slots (the lane grouping of the
+  static plan, done on device). Returns (xs, order); order is None with one chunk."""
+  if cfg.rows_per_step is None or cfg.rows_per_step >= num_rows:
+    return xs, None
+  order = jnp.argsort(xs['counts'], stable=True)  # [X]
+  return {name: jnp.take(x, order, axis=0) for name, x in xs.items()}, order
+
+
+def _unsort(x: jax.Array, order: jax.Array | None) -> jax.Array:
+  """Undoes `_by_count` on the row axis."""
+  if order is None:
+    return x
+  return jnp.zeros_like(x).at[order].set(x)
+
+
 def _slot(lists, j):
   return jax.lax.dynamic_index_in_dim(lists, j, axis=1, keepdims=False)  # [Xc]
 
@@ -405,6 +422,7 @@ def _forward(cfg: _Config, q, k, v, kv_indices, kv_counts, bias, sinks, mask, q_
   if sinks is not None:
     sink_rows = sinks.astype(cdt).reshape(cfg.num_units, u)[rows['unit']]  # [X, u]
     xs['sink'] = sink_rows
+  xs, order = _by_count(cfg, num_rows, xs)
   _, xc, xs = _chunked(cfg, num_rows, xs)
 
   def chunk(x):
@@ -443,8 +461,8 @@ def _forward(cfg: _Config, q, k, v, kv_indices, kv_counts, bias, sinks, mask, q_
     return o, lse
 
   o, lse = jax.lax.map(chunk, xs)  # [C, Xc, u * bq, Hv], [C, Xc, u, bq]
-  o = o.reshape((-1,) + o.shape[2:])[:num_rows]
-  lse = lse.reshape((-1,) + lse.shape[2:])[:num_rows]
+  o = _unsort(o.reshape((-1,) + o.shape[2:])[:num_rows], order)
+  lse = _unsort(lse.reshape((-1,) + lse.shape[2:])[:num_rows], order)
   out = _unrow_out(o, cfg, b).astype(q.dtype)
   lse_dtype = jnp.float64 if cdt == jnp.float64 else jnp.float32
   return out, _unrow_blocks(lse, cfg, b).astype(lse_dtype)
@@ -475,6 +493,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
   num_rows = qx.shape[0]
   xs = dict(q=qx, do=dox, lse=_row_blocks(lse_safe, cfg, jnp.inf),
             delta=_row_blocks(delta, cfg, 0), lists=lists, counts=counts, **rows)
+  xs, order = _by_count(cfg, num_rows, xs)
   nc, xc, xs = _chunked(cfg, num_rows, xs)
   with_mod = mod is not None and needs.mod
   with_bias = bias is not None and needs.bias
@@ -534,7 +553,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
     dq = dq[None]
   else:
     (dk, dv, dbias, dmod), dq = jax.lax.scan(chunk, (dk0, dv0, dbias0, dmod0), xs)
-  dq = dq.reshape((-1,) + dq.shape[2:])[:num_rows]  # [X, u * bq, H]
+  dq = _unsort(dq.reshape((-1,) + dq.shape[2:])[:num_rows], order)  # [X, u * bq, H]
   dq = _unrow_out(dq, cfg, b) * jnp.asarray(alpha, cdt)
 
   def unblock(x):
