@@ -418,8 +418,9 @@ def traced_steps(dyn: masks_dynamic.DynamicBlockMask, *, batch: int, num_heads: 
   """Steps the traced xla path runs on the concrete lists of `dyn`.
 
   Rows x = (b, unit, q block) in that order, a unit being the gcd(N / Hm, N / K)
-  consecutive query heads that read one list row and one kv head; rows advance
-  together `rows_per_step` at a time (None: the kernel's default,
+  consecutive query heads that read one list row and one kv head; with more than one
+  chunk the rows are ordered by list count (stable), then advance together
+  `rows_per_step` at a time (None: the kernel's default,
   `kernels.xla.dynamic.default_rows_per_step`), each chunk for as many slots as its
   longest list.
   """
@@ -449,7 +450,7 @@ def traced_steps(dyn: masks_dynamic.DynamicBlockMask, *, batch: int, num_heads: 
   step = min(rows_per_step, rows)
   chunks = -(-rows // step)
   padded = np.zeros(chunks * step, np.int64)
-  padded[:rows] = row_counts
+  padded[:rows] = np.sort(row_counts, kind='stable') if chunks > 1 else row_counts
   trips = padded.reshape(chunks, step).max(axis=1)
   return TracedSteps(rows=rows, unit=unit, chunks=chunks, rows_per_chunk=step,
                      steps=int(trips.sum()), row_steps=int(trips.sum() * step),
