@@ -171,23 +171,3 @@ def test_bad_input_names_the_argument():
     biformer.bi_level_routing_attention(q, k[:, :12], v, **kw)
   with pytest.raises(ValueError, match='grid is required'):
     biformer.BiLevelRoutingAttention(8, 2, 4, grid=None, rngs=nnx.Rngs(0))
-
-
-def test_registry_biformer_trains_in_the_trainer():
-  """'biformer' in the tiny vit preset: a few Trainer steps lower the loss."""
-  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
-  from experiments import train_lib  # pylint: disable=g-import-not-at-top
-  from experiments.configs import vit as preset  # pylint: disable=g-import-not-at-top
-  with jax.enable_x64(False):
-    config = preset.get_config('tiny')
-    config.update_from_flattened_dict({
-        'model.attention.variant': 'biformer', 'model.depth': 1,
-        'train.num_steps': 10, 'train.warmup_steps': 2})
-    source = data_lib.make_source(config.data, seed=config.seed)
-    trainer = train_lib.Trainer(config, source.info, jax.devices()[:1])
-    state, losses = trainer.init_state(), []
-    for _ in range(10):
-      state, metrics = trainer.train_step(state, next(source.train))
-      losses.append(float(metrics['loss']))
-  assert np.all(np.isfinite(losses)), losses
-  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses

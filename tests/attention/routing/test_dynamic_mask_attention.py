@@ -133,23 +133,3 @@ def test_bad_input_names_the_argument():
     dma.dma_bias(v, w_d, a[:1])
   with pytest.raises(ValueError, match='num_heads \\(4\\) must be a multiple'):
     dma.DynamicMaskAttention(8, 4, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
-
-
-def test_registry_dma_trains_in_the_trainer():
-  """'dma' in the tiny lm preset: a few Trainer steps lower the loss."""
-  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
-  from experiments import train_lib  # pylint: disable=g-import-not-at-top
-  from experiments.configs import lm as preset  # pylint: disable=g-import-not-at-top
-  with jax.enable_x64(False):
-    config = preset.get_config('tiny')
-    config.update_from_flattened_dict({
-        'model.attention.variant': 'dma', 'model.depth': 1,
-        'train.num_steps': 10, 'train.warmup_steps': 2})
-    source = data_lib.make_source(config.data, seed=config.seed)
-    trainer = train_lib.Trainer(config, source.info, jax.devices()[:1])
-    state, losses = trainer.init_state(), []
-    for _ in range(10):
-      state, metrics = trainer.train_step(state, next(source.train))
-      losses.append(float(metrics['loss']))
-  assert np.all(np.isfinite(losses)), losses
-  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
