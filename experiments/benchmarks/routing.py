@@ -63,9 +63,13 @@ TARGETS = dict(fwd_ratio=1.25, fwd_bwd_ratio=1.35, prediction=0.25,
                quality_points=5.0)
 
 # Calibration calls: (name, kind, T, N, K, H, mask spec, xla options). kind 'static'
-# runs a static Mask ('dense', 'causal', 'window:<w>', 'docs:<n>'); 'traced' a
+# runs a static Mask ('dense', 'causal', 'window:<w>', 'docs:<n>'; '+perm': inside a
+# seeded random token permutation of q, k, v and back, as BiFormer / VMoBA); 'traced' a
 # DynamicBlockMask of a seeded random block matrix ('blocks:<block>:<density>',
-# '+causal' for a causal inner mask).
+# '+causal' for a causal inner mask); 'reduce' (forward only) a router's causal
+# masked row max of q k^T outside the attention, every query against the first <n>
+# keys ('init:<n>') or within its group of <g> ('local:<g>'), as AnchorAttention's
+# anchors.
 _CALIBRATION = {
     'small': (
         ('dense', 'static', 1024, 8, 8, 64, 'dense', {}),
@@ -81,6 +85,10 @@ _CALIBRATION = {
         ('traced_256', 'traced', 2048, 8, 8, 64, 'blocks:256:0.25+causal', {}),
         ('traced_128', 'traced', 1024, 8, 8, 32, 'blocks:128:0.5', {}),
         ('traced_512', 'traced', 4096, 8, 8, 64, 'blocks:512:0.125+causal', {}),
+        ('traced_64', 'traced', 2048, 8, 8, 64, 'blocks:64:0.125+causal', {}),
+        ('window_perm', 'static', 4096, 8, 8, 64, 'window:128+perm', {}),
+        ('reduce_init', 'reduce', 2048, 8, 8, 64, 'init:256', {}),
+        ('reduce_local', 'reduce', 2048, 8, 8, 64, 'local:256', {}),
     ),
     'tiny': (
         ('dense', 'static', 128, 2, 2, 16, 'dense', {}),
@@ -89,6 +97,8 @@ _CALIBRATION = {
         ('window', 'static', 256, 2, 2, 16, 'window:32', {}),
         ('traced', 'traced', 256, 2, 2, 16, 'blocks:64:0.5+causal', {}),
         ('traced_h32', 'traced', 128, 2, 2, 32, 'blocks:32:0.5', {}),
+        ('reduce', 'reduce', 256, 2, 2, 16, 'init:64', {}),
+        ('window_perm', 'static', 256, 2, 2, 16, 'window:32+perm', {}),
     ),
 }
 
@@ -189,10 +199,17 @@ def _grad(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
                           argnums=(0, 1, 2)))
 
 
-def _static_fns(mask: masks_base.Mask | None, **options):
+def _static_fns(mask: masks_base.Mask | None, perm: np.ndarray | None = None,
+                **options):
+  """Forward / fwd+bwd of the static xla call (inside the token permutation `perm`)."""
+  from attention import masks  # pylint: disable=g-import-not-at-top
+
   def fn(q, k, v):
+    if perm is not None:
+      q, k, v = (masks.apply_permutation(x, perm) for x in (q, k, v))
     problem = problem_lib.make_problem(q, k, v, mask=mask)
-    return xla.attention(q, k, v, problem, **options)
+    out = xla.attention(q, k, v, problem, **options)
+    return out if perm is None else masks.invert_permutation(out, perm)
   return jax.jit(fn), _grad(fn)
 
 
@@ -204,7 +221,7 @@ def _traced_fns():
 
 
 def _static_mask(spec: str, t: int) -> masks_base.Mask | None:
-  name, _, arg = spec.partition(':')
+  name, _, arg = spec.removesuffix('+perm').partition(':')
   if name == 'dense':
     return None
   if name == 'causal':
@@ -240,6 +257,34 @@ def _traced_mask(spec: str, t: int, n: int) -> masks_dynamic.DynamicBlockMask:
   return random_blocks(t, n, int(block), float(density), inner == 'causal')
 
 
+def masked_row_max(q: jax.Array, k: jax.Array, spec: str) -> jax.Array:
+  """Causal masked row max of q k^T [B, N, T]: against the first n keys ('init:<n>')
+  or within each query's group of g ('local:<g>'), as AnchorAttention's anchors."""
+  name, _, arg = spec.partition(':')
+  b, t, n, h = q.shape
+  if name not in ('init', 'local') or not arg.isdigit() or t % int(arg):
+    raise ValueError(f'reduce calibration spec must be init:<n> or local:<g> with n, '
+                     f'g dividing {t}, got {spec!r}.')
+  m = int(arg)
+  if name == 'init':
+    s = jnp.einsum('btnh,bsnh->bnts', q, k[:, :m])  # [B, N, T, n]
+    visible = np.arange(m)[None] <= np.arange(t)[:, None]
+    return jnp.max(jnp.where(visible, s, -jnp.inf), -1)
+  qg, kg = (x.reshape(b, t // m, m, n, h) for x in (q, k))
+  s = jnp.einsum('bgtnh,bgsnh->bngts', qg, kg)  # [B, N, G, g, g]
+  tri = np.tril(np.ones((m, m), bool))
+  return jnp.max(jnp.where(tri, s, -jnp.inf), -1).reshape(b, n, t)
+
+
+def _reduce_work(spec: str, b: int, t: int, n: int, h: int) -> cost_model.Work:
+  name, _, arg = spec.partition(':')
+  m = int(arg)
+  if name == 'init':
+    return cost_model.masked_reduce_work(batch=b * n, rows=t, cols=m, head_dim=h)
+  return cost_model.masked_reduce_work(batch=b * n * (t // m), rows=m, cols=m,
+                                       head_dim=h)
+
+
 @dataclasses.dataclass
 class _Timed:
   """A call to time: zero-argument fns and the simulated work of each pass."""
@@ -249,17 +294,22 @@ class _Timed:
   info: dict[str, Any]
 
 
-def _static_timed(name: str, mask, b, t, n, kh, h, options) -> _Timed:
+def _static_timed(name: str, mask, b, t, n, kh, h, options,
+                  perm: np.ndarray | None = None) -> _Timed:
   q, k, v = _inputs(b, t, n, kh, h)
-  fwd, fb = _static_fns(mask, **options)
+  fwd, fb = _static_fns(mask, perm, **options)
   sp = cost_model.static_plan(mask, batch=b, q_len=t, kv_len=t, num_heads=n,
                               num_kv_heads=kh, head_dim=h, **options)
   steps = cost_model.step_counts(sp.fwd, 'fwd')
+  work = dict(fwd=cost_model.static_work(sp),
+              fwd_bwd=cost_model.static_work(sp, backward=True))
+  if perm is not None:
+    work = {p: w + cost_model.permutation_work(
+        batch=b, q_len=t, num_heads=n, num_kv_heads=kh, head_dim=h,
+        backward=p == 'fwd_bwd') for p, w in work.items()}
   return _Timed(
       name, dict(fwd=functools.partial(fwd, q, k, v),
-                 fwd_bwd=functools.partial(fb, q, k, v)),
-      dict(fwd=cost_model.static_work(sp),
-           fwd_bwd=cost_model.static_work(sp, backward=True)),
+                 fwd_bwd=functools.partial(fb, q, k, v)), work,
       dict(q_len=t, heads=n, head_dim=h, path='static',
            tiles=f'{sp.fwd.block_q}x{sp.fwd.block_kv}x{sp.fwd.kv_chunk}',
            fwd_steps=steps.full + steps.partial))
@@ -294,7 +344,17 @@ def _calibration_timed(level: str) -> list[_Timed]:
   out = []
   for name, kind, t, n, kh, h, spec, options in _CALIBRATION[level]:
     if kind == 'static':
-      out.append(_static_timed(name, _static_mask(spec, t), 1, t, n, kh, h, options))
+      perm = (np.random.default_rng(0).permutation(t) if spec.endswith('+perm')
+              else None)
+      out.append(_static_timed(name, _static_mask(spec, t), 1, t, n, kh, h, options,
+                               perm=perm))
+    elif kind == 'reduce':
+      q, k, _ = _inputs(1, t, n, n, h)
+      fn = jax.jit(functools.partial(masked_row_max, spec=spec))
+      out.append(_Timed(name, dict(fwd=functools.partial(fn, q, k)),
+                        dict(fwd=_reduce_work(spec, 1, t, n, h)),
+                        dict(q_len=t, heads=n, head_dim=h, path='reduce', tiles=spec,
+                             fwd_steps=0)))
     else:
       out.append(_traced_timed(name, _traced_mask(spec, t, n), 1, t, n, kh, h))
   return out
@@ -375,7 +435,9 @@ class Method:
   `route(q, k)` -> DynamicBlockMask in the attention's token order; `attend(q, k, v)`
   the public function on the xla path (routing included); `inner` the static Mask it
   applies inside the routed blocks (MoBA: causal) and `permutation` the token order
-  it attends in (BiFormer: regions contiguous), both reproduced by its static twin.
+  it attends in (BiFormer: regions contiguous), both reproduced by its static twin;
+  `router_work(batch, heads, head_dim)` the router's work beyond the generic pooled
+  gate of `cost_model.routing_work` (AnchorAttention's score reductions).
   """
   name: str
   q_len: int
@@ -383,6 +445,7 @@ class Method:
   attend: Callable[..., jax.Array]
   inner: masks_base.Mask | None = None
   permutation: np.ndarray | None = None
+  router_work: Callable[..., cost_model.Work] | None = None
 
 
 def _moba(cfg: dict[str, Any]) -> Method:
@@ -455,10 +518,16 @@ def _anchor(cfg: dict[str, Any]) -> Method:
   from attention.routing import anchor_attention as anchor  # pylint: disable=g-import-not-at-top
   selection = dict(group_size=cfg['group_size'], sub_block=cfg['sub_block'],
                    num_init=cfg['num_init'], block_kv=cfg['block_kv'])
+  def router_work(batch, heads, head_dim):
+    return cost_model.anchor_routing_work(
+        batch=batch, q_len=cfg['q_len'], num_heads=heads, head_dim=head_dim,
+        group_size=cfg['group_size'], sub_block=cfg['sub_block'],
+        num_init=cfg['num_init'])
+
   return Method('anchor_attention', cfg['q_len'],
                 functools.partial(anchor.anchor_mask, **selection),
                 functools.partial(anchor.anchor_attention, implementation='xla',
-                                  **selection))
+                                  **selection), router_work=router_work)
 
 
 def _vmoba(cfg: dict[str, Any]) -> Method:
@@ -532,6 +601,8 @@ def _method_timed(method: Method, heads: int, head_dim: int, prefix: str = ''
       batch=b, q_len=t, kv_len=t, num_heads=n, num_kv_heads=n, head_dim=head_dim,
       list_heads=dyn.num_heads, num_q_blocks=dyn.num_q_blocks,
       num_kv_blocks=dyn.num_kv_blocks, budget=dyn.budget)
+  if method.router_work is not None:
+    routing = routing + method.router_work(b, n, head_dim)
   traced = _traced_timed(f'{prefix}{method.name}/traced', dyn, b, t, n, n, head_dim,
                          routing=routing,
                          fns=(jax.jit(method.attend), _grad(method.attend)))
@@ -548,6 +619,11 @@ def _method_timed(method: Method, heads: int, head_dim: int, prefix: str = ''
       dict(q_len=t, heads=n, head_dim=head_dim, path='static',
            tiles=f'{sp.fwd.block_q}x{sp.fwd.block_kv}x{sp.fwd.kv_chunk}',
            fwd_steps=steps.full + steps.partial))
+  if method.permutation is not None:  # both calls permute q, k, v and the output
+    for c in (traced, static):
+      c.work = {p: w + cost_model.permutation_work(
+          batch=b, q_len=t, num_heads=n, num_kv_heads=n, head_dim=head_dim,
+          backward=p == 'fwd_bwd') for p, w in c.work.items()}
   listed = float(np.asarray(dyn.kv_counts).sum())
   info = dict(block_fraction=listed / (dyn.batch * dyn.num_heads * dyn.num_q_blocks *
                                        dyn.num_kv_blocks),

@@ -17,12 +17,20 @@ plan exactly as `attention` does, walks its lists and counts the work one call d
     masked_logits  logit elements a bitmap / validity mask is gathered and applied to
     traced_logits  logit elements of the traced path's elementwise work (mask, exp,
                    sums over all rows of a step at once: arrays beyond the caches)
+    reduced_logits score elements a router reduces outside the attention (a masked
+                   row max / any over a q k^T product it materialises: AnchorAttention's
+                   anchors and stripes), unfused with the dot that makes them
+    permuted_elements  elements of q, k, v and the output (and, backward, of their
+                   cotangents) a token permutation around the attention moves
+                   (BiFormer's regions, VMoBA's cells): a gather of the whole array
     bytes          bytes copied: tile gathers, index gathers, layout copies, dQ updates
 
 and predicts time = sum_i work_i x seconds_per_unit_i with per-machine constants
 (`Constants`) fitted by `fit` (non-negative least squares on relative error) to a few
 timed calls on the current machine. The same counts are made for the traced
-`DynamicBlockMask` path from the concrete lists of one mask (`traced_work`).
+`DynamicBlockMask` path from the concrete lists of one mask (`traced_work`), and for
+the work a routed call does around the attention: its router (`routing_work`,
+`anchor_routing_work`) and a token permutation (`permutation_work`).
 
 Forward and backward are counted separately; `jax.grad` of the custom_vjp runs the
 forward once and then the backward, so a forward+backward call is their sum.
@@ -46,7 +54,8 @@ from kernels.xla import tiling
 
 FIELDS = ('calls', 'steps', 'fused_dot_flops', 'big_dot_flops', 'small_dot_flops',
           'bwd_dot_flops', 'traced_dot_flops', 'logits', 'masked_logits',
-          'traced_logits', 'bytes')
+          'traced_logits', 'reduced_logits', 'permuted_elements',
+          'bytes')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,8 @@ class Work:
   logits: float = 0.0
   masked_logits: float = 0.0
   traced_logits: float = 0.0
+  reduced_logits: float = 0.0
+  permuted_elements: float = 0.0
   bytes: float = 0.0
 
   def __add__(self, other: 'Work') -> 'Work':
@@ -90,6 +101,8 @@ class Constants:
   logits: float = 0.0
   masked_logits: float = 0.0
   traced_logits: float = 0.0
+  reduced_logits: float = 0.0
+  permuted_elements: float = 0.0
   bytes: float = 0.0
 
   def vector(self) -> np.ndarray:
@@ -519,3 +532,62 @@ def routing_work(*, batch: int, q_len: int, kv_len: int, num_heads: int,
   return Work(steps=0.0, small_dot_flops=2.0 * scores * h,
               logits=scores * (k + 2),
               bytes=float(isz * b * (t * n + s * kh) * h))
+
+
+def masked_reduce_work(*, batch: int, rows: int, cols: int, head_dim: int,
+                       itemsize: int = 4) -> Work:
+  """Work of a router's q k^T product [batch, rows, cols] reduced over a mask.
+
+  `batch` counts the dot's batch items (batch x heads x groups); one read of the q and
+  k rows, the dot (on every core when big enough, as `_is_big`), and every product
+  element through the masked reduction (`reduced_logits`; about 2 ns per element on
+  XLA:CPU, against 0.1-0.3 ns for the attention kernels' own masked logits).
+  """
+  b, r, c, h, isz = (_positive(n, v) for n, v in (
+      ('batch', batch), ('rows', rows), ('cols', cols), ('head_dim', head_dim),
+      ('itemsize', itemsize)))
+  elements = float(b * r * c)
+  kind = 'big_dot_flops' if _is_big(r, c, h) else 'small_dot_flops'
+  return Work(reduced_logits=elements, bytes=float(isz * b * (r + c) * h),
+              **{kind: 2.0 * h * elements})
+
+
+def anchor_routing_work(*, batch: int, q_len: int, num_heads: int, head_dim: int,
+                        group_size: int, sub_block: int, num_init: int,
+                        itemsize: int = 4) -> Work:
+  """Work of AnchorAttention's selection ("AnchorAttention", Zhang et al., 2025).
+
+  As `attention.routing.anchor_attention.stripe_keys`: anchors from the scores of every
+  query with the initial keys [T, init] and with its own group [G, g, g] (masked row
+  max), then the sub-block mean queries' scores with every key [G * U, S] compared
+  with the mean anchors and reduced (any) over the sub-blocks.
+  """
+  b, t, n, h, g, u, ni = (_positive(k, v) for k, v in (
+      ('batch', batch), ('q_len', q_len), ('num_heads', num_heads),
+      ('head_dim', head_dim), ('group_size', group_size), ('sub_block', sub_block),
+      ('num_init', num_init)))
+  ni = min(ni, t)
+  common = dict(head_dim=h, itemsize=itemsize)
+  return (masked_reduce_work(batch=b * n, rows=t, cols=ni, **common) +
+          masked_reduce_work(batch=b * n * (t // g), rows=g, cols=g, **common) +
+          masked_reduce_work(batch=b * n, rows=t // u, cols=t, **common))
+
+
+def permutation_work(*, batch: int, q_len: int, num_heads: int, num_kv_heads: int,
+                     head_dim: int, value_dim: int | None = None,
+                     backward: bool = False) -> Work:
+  """Work of a token permutation around the attention (BiFormer's regions, VMoBA's
+  cells): q, k, v gathered into the permuted order and the output back; the
+  backward moves dO, dQ, dK, dV alike.
+
+  Counted per element (`permuted_elements`): on XLA:CPU the permutation around the
+  static attention added 0.3-0.7 ns per element (side-by-side, busy 2-core machine,
+  T = 1024-4096, N = 8, H = 64; 1.1 ns in a quiet run's fit), though the gathers
+  alone take under 0.1 ns: several times its bytes' worth.
+  """
+  b, t, n, kh, h = (_positive(k, v) for k, v in (
+      ('batch', batch), ('q_len', q_len), ('num_heads', num_heads),
+      ('num_kv_heads', num_kv_heads), ('head_dim', head_dim)))
+  hv = _positive('value_dim', h if value_dim is None else value_dim)
+  once = float(b * t * (n * h + kh * h + kh * hv + n * hv))
+  return Work(permuted_elements=once * (2.0 if backward else 1.0))

@@ -141,6 +141,80 @@ def test_traced_steps_equal_brute_force():
     assert st.listed == sum(rows)
 
 
+def _dot_outputs(fn, *args):
+  """(elements, FLOPs) of the dot_general outputs in the jaxpr of fn(*args)."""
+  elements = flops = 0
+  for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      size = int(np.prod(eqn.outvars[0].aval.shape))
+      inner = int(np.prod([eqn.invars[0].aval.shape[d] for d in contract]))
+      elements, flops = elements + size, flops + 2 * size * inner
+  return elements, flops
+
+
+def test_anchor_routing_work_counts_the_selection_dots():
+  from attention.routing import anchor_attention  # pylint: disable=g-import-not-at-top
+  b, t, n, h = 2, 64, 3, 8
+  sel = dict(group_size=16, sub_block=4, num_init=8)
+  q, k, _ = routing_bench._inputs(b, t, n, n, h)  # pylint: disable=protected-access
+  elements, flops = _dot_outputs(
+      lambda q, k: anchor_attention.stripe_keys(q, k, **sel), q, k)
+  w = cm.anchor_routing_work(batch=b, q_len=t, num_heads=n, head_dim=h, **sel)
+  assert w.reduced_logits == elements
+  assert w.big_dot_flops + w.small_dot_flops == flops
+  for spec in ('init:16', 'local:16'):
+    elements, flops = _dot_outputs(
+        lambda q, k, s=spec: routing_bench.masked_row_max(q, k, s), q, k)
+    w = routing_bench._reduce_work(spec, b, t, n, h)  # pylint: disable=protected-access
+    assert (w.reduced_logits, w.big_dot_flops + w.small_dot_flops) == (elements,
+                                                                       flops)
+
+
+def test_permutation_work_counts_the_permuted_arrays():
+  b, t, n, kh, h = 1, 32, 4, 2, 8
+  w = cm.permutation_work(batch=b, q_len=t, num_heads=n, num_kv_heads=kh, head_dim=h)
+  q, k, v = routing_bench._inputs(b, t, n, kh, h)  # pylint: disable=protected-access
+  assert w.permuted_elements == q.size + k.size + v.size + q.size  # q, k, v, out
+  assert cm.permutation_work(batch=b, q_len=t, num_heads=n, num_kv_heads=kh,
+                             head_dim=h, backward=True).permuted_elements == (
+                                 2 * w.permuted_elements)
+  # The calibration's permuted call: causal attention in the permuted token order.
+  perm = np.random.default_rng(0).permutation(t)
+  fwd, _ = routing_bench._static_fns(masks.causal(t), perm)  # pylint: disable=protected-access
+  q64, k64, v64 = (np.asarray(x, np.float64)[:, perm] for x in (q, k, v))
+  kr, vr = (np.repeat(x, n // kh, axis=2) for x in (k64, v64))
+  s = np.einsum('btnh,bsnh->bnts', q64, kr) / np.sqrt(h)  # [B, N, T, S]
+  s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  ref = np.einsum('bnts,bsnh->btnh', p / p.sum(-1, keepdims=True), vr)  # [B, T, N, H]
+  expect = np.empty_like(ref)
+  expect[:, perm] = ref
+  np.testing.assert_allclose(np.asarray(fwd(q, k, v)), expect, rtol=2e-5, atol=2e-5)
+
+
+def test_masked_row_max_equals_numpy_loops():
+  b, t, n, h, m = 1, 16, 2, 4, 8
+  q, k, _ = routing_bench._inputs(b, t, n, n, h)  # pylint: disable=protected-access
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  init = np.full((b, n, t), -np.inf)
+  local = np.full((b, n, t), -np.inf)
+  for hd in range(n):
+    for i in range(t):
+      for j in range(t):
+        s = qn[0, i, hd] @ kn[0, j, hd]
+        if j < m and j <= i:
+          init[0, hd, i] = max(init[0, hd, i], s)
+        if j // m == i // m and j <= i:
+          local[0, hd, i] = max(local[0, hd, i], s)
+  np.testing.assert_allclose(routing_bench.masked_row_max(q, k, f'init:{m}'), init,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(routing_bench.masked_row_max(q, k, f'local:{m}'), local,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='reduce calibration spec'):
+    routing_bench.masked_row_max(q, k, 'init:5')
+
+
 _POSITIVE = cm.Constants(*np.linspace(1.0, 2.0, len(cm.FIELDS)) * 1e-9)
 
 
@@ -175,7 +249,8 @@ def test_fit_recovers_known_constants_from_synthetic_timings():
   truth = cm.Constants(calls=3e-4, steps=2e-5, fused_dot_flops=3e-12,
                        big_dot_flops=4e-12, small_dot_flops=7e-12,
                        bwd_dot_flops=5e-12, traced_dot_flops=6e-12, logits=2e-10,
-                       masked_logits=1e-10, traced_logits=8e-10, bytes=5e-12)
+                       masked_logits=1e-10, traced_logits=8e-10,
+                       reduced_logits=1e-9, permuted_elements=6e-10, bytes=5e-12)
   seconds = [cm.predict(w, truth) for w in works]
   fit = cm.fit(works, seconds)
   assert fit.rank == len(cm.FIELDS)
