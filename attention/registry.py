@@ -336,15 +336,21 @@ _LAYERS: dict[str, LayerFactory] = {
 }
 
 
+def _check_entry(name: Any, arg: str, obj: Any) -> None:
+  """Raises unless `name` is a usable registry name and `obj` (argument `arg`) is
+  callable."""
+  if not isinstance(name, str) or not name or ':' in name:
+    raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
+  if not callable(obj):
+    raise TypeError(f'{arg} must be callable, got {type(obj).__name__}.')
+
+
 def register_layer(name: str, factory: LayerFactory) -> None:
   """Makes `factory(dim, num_heads, head_dim, *, grid, causal, rngs)` -> an NNX layer
   x [B, T, D] -> [B, T, D] (or (y, aux_losses)) selectable as
   `attention.variant=name`; a factory that also takes `layer_index` gets the block's
   depth."""
-  if not isinstance(name, str) or not name or ':' in name:
-    raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
-  if not callable(factory):
-    raise TypeError(f'factory must be callable, got {type(factory).__name__}.')
+  _check_entry(name, 'factory', factory)
   _LAYERS[name] = factory
 
 
@@ -391,10 +397,7 @@ def make_layer(name: str, dim: int, num_heads: int, head_dim: int, *,
 
 def register_variant(name: str, fn: VariantFn) -> None:
   """Makes `fn` selectable as `attention.variant=name` in model configs."""
-  if not isinstance(name, str) or not name or ':' in name:
-    raise ValueError(f'name must be a non-empty str without ":", got {name!r}.')
-  if not callable(fn):
-    raise TypeError(f'fn must be callable, got {type(fn).__name__}.')
+  _check_entry(name, 'fn', fn)
   _VARIANTS[name] = fn
 
 
