@@ -1,0 +1,174 @@
+"""Autoregressive generation with a KV cache: greedy or sampled, left-padded batches.
+
+`generate` prefills the prompt into a cache (`CausalDecoder.init_cache`) in one call,
+then appends one token per step with the same jitted step (compiled once per model
+structure and batch shape). Left-padded prompts get positions cumsum(mask) - 1 (as
+Hugging Face's `generate`), so each row continues exactly as its unpadded prompt.
+Sampling uses one key per step, `jax.random.fold_in(key, step)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_logits(logits: jax.Array, key: jax.Array | None, *,
+                  temperature: float = 1.0,
+                  top_k: int | None = None) -> jax.Array:
+  """Next tokens [B] int32 from logits [B, V]: argmax (key None) or a sample.
+
+  A sample draws from softmax(logits / temperature) restricted to the top_k largest
+  logits (all when top_k is None; ties at the k-th value are kept).
+  """
+  if logits.ndim != 2:
+    raise ValueError(f'logits must be [B, V], got {tuple(logits.shape)}.')
+  if key is None:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(key, temperature, top_k, vocab_size: int) -> None:
+  if key is None:
+    return
+  if not (isinstance(temperature, (int, float)) and temperature > 0):
+    raise ValueError(
+        f'temperature must be a positive float, got {temperature!r}.')
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(
+      top_k, (int, np.integer)) or not 1 <= top_k <= vocab_size):
+    raise ValueError(
+        f'top_k must be None or an int in [1, vocab_size={vocab_size}], got '
+        f'{top_k!r}.')
+
+
+def left_pad_positions(attention_mask: jax.Array) -> jax.Array:
+  """[B, T] int32 positions cumsum(mask) - 1 of a left-padded batch (pads: 1, HF)."""
+  mask = attention_mask.astype(jnp.int32)
+  positions = jnp.cumsum(mask, axis=1) - 1
+  return jnp.where(mask > 0, positions, 1).astype(jnp.int32)
+
+
+def _constrain(cache, shardings):
+  if shardings is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'))
+def _prefill(graphdef, state, cache, prompt, positions, mask, interventions, *,
+             shardings):
+  model = nnx.merge(graphdef, state)
+  out = model(prompt, positions=positions, attention_mask=mask, cache=cache,
+              interventions=interventions)
+  return out.logits[:, -1], _constrain(out.cache, shardings)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('graphdef', 'shardings', 'top_k', 'sample'),
+    donate_argnames=('cache',))
+def _step(graphdef, state, cache, logits, key, step, temperature, interventions,
+          *, shardings, top_k, sample):
+  """Samples the token of `logits`, appends it; (token, next logits, cache)."""
+  step_key = jax.random.fold_in(key, step) if sample else None
+  token = sample_logits(logits, step_key, temperature=temperature, top_k=top_k)
+  model = nnx.merge(graphdef, state)
+  positions = cache.next_positions()[:, None]  # [B, 1]
+  out = model(token[:, None], positions=positions, cache=cache,
+              interventions=interventions)
+  return token, out.logits[:, 0], _constrain(out.cache, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=('top_k', 'sample'))
+def _last(logits, key, step, temperature, *, top_k, sample):
+  step_key = jax.random.fold_in(key, step) if sample else None
+  return sample_logits(logits, step_key, temperature=temperature, top_k=top_k)
+
+
+def generate(model: nnx.Module, prompt: jax.Array,
+             attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+             key: jax.Array | None = None, temperature: float = 1.0,
+             top_k: int | None = None,
+             interventions: Sequence[Any] = ()) -> jax.Array:
+  """Continues left-padded prompts by `max_new_tokens` tokens.
+
+  Args:
+    model: a `CausalDecoder`.
+    prompt: [B, T] int tokens, left-padded.
+    attention_mask: [B, T] bool / int, 1 = real token (default all real); each row
+      is zeros then ones and has at least one real token.
+    max_new_tokens: number of tokens to append (>= 1).
+    key: None for greedy decoding, else a `jax.random.key` for sampling (step i
+      uses `fold_in(key, i)`).
+    temperature: sampling temperature (> 0).
+    top_k: sample among the top_k logits only (None: all).
+    interventions: applied in every forward (prefill and each step).
+
+  Returns:
+    [B, T + max_new_tokens] int32: the prompt (pads included) and the new tokens.
+  """
+  prompt = jnp.asarray(prompt)
+  if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(
+        f'prompt must be an int array [B, T], got {prompt.dtype} '
+        f'{tuple(prompt.shape)}.')
+  b, t = prompt.shape
+  if isinstance(max_new_tokens, bool) or not isinstance(
+      max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(
+        f'max_new_tokens must be a positive int, got {max_new_tokens!r}.')
+  config = model.config
+  _check_sampling(key, temperature, top_k, config.vocab_size)
+  if config.positions == 'learned' and t + max_new_tokens > config.max_positions:
+    raise ValueError(
+        f'prompt length {t} + max_new_tokens {max_new_tokens} exceeds '
+        f'max_positions={config.max_positions} (learned position table).')
+  if attention_mask is None:
+    mask = jnp.ones((b, t), bool)
+  else:
+    mask = jnp.asarray(attention_mask)
+    if mask.shape != (b, t):
+      raise ValueError(
+          f'attention_mask must have the prompt shape {(b, t)}, got '
+          f'{tuple(mask.shape)}.')
+    host = np.asarray(mask).astype(np.int64)
+    if not (np.all(np.diff(host, axis=1) >= 0) and np.all(host[:, -1] == 1)
+            and np.isin(host, (0, 1)).all()):
+      raise ValueError(
+          'attention_mask must be 0 / 1 and left-padded (each row zeros then '
+          'ones, ending in a real token).')
+    mask = mask.astype(bool)
+  positions = left_pad_positions(mask)
+  cache = model.init_cache(b, t + max_new_tokens)
+  shardings = None
+  first = cache.kv_positions.sharding
+  if isinstance(first, jax.sharding.NamedSharding):
+    shardings = jax.tree.map(lambda x: x.sharding, cache)
+  graphdef, state = nnx.split(model)
+  interventions = tuple(interventions)
+  sample = key is not None
+  key = jax.random.key(0) if key is None else key
+  temperature = jnp.float32(temperature)
+  logits, cache = _prefill(graphdef, state, cache, prompt.astype(jnp.int32),
+                           positions, mask, interventions, shardings=shardings)
+  new = []
+  for i in range(max_new_tokens - 1):
+    token, logits, cache = _step(
+        graphdef, state, cache, logits, key, jnp.int32(i), temperature,
+        interventions, shardings=shardings, top_k=top_k, sample=sample)
+    new.append(token)
+  new.append(_last(logits, key, jnp.int32(max_new_tokens - 1), temperature,
+                   top_k=top_k, sample=sample))
+  return jnp.concatenate([prompt.astype(jnp.int32), jnp.stack(new, axis=1)],
+                         axis=1)
+
+
+__all__ = ['generate', 'left_pad_positions', 'sample_logits']
