@@ -344,6 +344,24 @@ def _perplexity(loss: float) -> float:
   return math.exp(min(loss, 80.0))
 
 
+CONFIG_FILE = 'config.json'
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `config` as JSON to `<workdir>/config.json` (atomically); returns the path.
+
+  A trainer workdir is then self-describing: the model can be rebuilt and its
+  checkpoint restored from the workdir alone (e.g. by `experiments.recalibrate`).
+  A resumed run rewrites the file with its own (possibly overridden) config.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(config.to_json(indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+  return path
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices: list[jax.Device] | None = None
                       ) -> dict[str, Any]:
@@ -351,7 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: a config from `experiments/configs` (see `validate_config`).
-    workdir: output directory (checkpoints/, metrics.jsonl, tensorboard/).
+    workdir: output directory (config.json, checkpoints/, metrics.jsonl,
+      tensorboard/); config.json (the config as JSON, written by process 0 at the
+      start) makes the workdir self-describing.
     devices: devices of the mesh (default: all).
 
   Returns:
@@ -365,6 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f'workdir must be a non-empty str, got {workdir!r}.')
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_config(config, workdir)
   tc = config.train
   source = data_lib.make_source(
       config.data, seed=config.seed, process_index=jax.process_index(),
