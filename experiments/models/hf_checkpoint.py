@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from experiments.models import decoder as decoder_lib
 from experiments.models.decoder import CausalDecoder
 from experiments.models.decoder import DecoderConfig
 
@@ -138,11 +139,21 @@ def _rope(config_json: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     raise ValueError(
         f'config.json rope type {rope_type!r} is not supported; supported: '
         f'{_ROPE_TYPES}.')
-  if rope_type == 'default':
-    return float(theta), None
-  required = {'linear': ('factor',),
+  required = {'default': (), 'linear': ('factor',),
               'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
                          'original_max_position_embeddings')}[rope_type]
+  unknown = sorted(set(params) - set(required) - {'attention_factor'})
+  if unknown:  # E.g. per-layer-type parameters {'full_attention': {...}}.
+    raise ValueError(
+        f'config.json rope parameters {unknown} are not supported for rope type '
+        f'{rope_type!r} (known: {list(required) + ["attention_factor"]}).')
+  attention_factor = params.get('attention_factor')
+  if attention_factor not in (None, 1, 1.0):
+    raise ValueError(
+        f'config.json rope attention_factor={attention_factor!r} is not supported '
+        '(only 1.0).')
+  if rope_type == 'default':
+    return float(theta), None
   scaling: dict[str, Any] = {'rope_type': rope_type}
   for key in required:
     value = params.get(key)
@@ -152,11 +163,6 @@ def _rope(config_json: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
           f'{value!r}.')
     scaling[key] = (int(value) if key == 'original_max_position_embeddings'
                     else float(value))
-  attention_factor = params.get('attention_factor')
-  if attention_factor not in (None, 1, 1.0):
-    raise ValueError(
-        f'config.json rope attention_factor={attention_factor!r} is not supported '
-        '(only 1.0).')
   return float(theta), scaling
 
 
@@ -488,7 +494,13 @@ def _llama_params(store: _TensorStore, cfg: DecoderConfig
                                                    (size,))
     inv_freq = f'{attn}.rotary_emb.inv_freq'  # A buffer in old saves.
     if inv_freq in store:
-      store.take(inv_freq, (h // 2,))
+      stored = store.take(inv_freq, (h // 2,))
+      ours = decoder_lib.rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
+      if not np.allclose(stored, ours, rtol=1e-5, atol=0):
+        raise ValueError(
+            f'tensor {inv_freq!r} {stored.tolist()} differs from the inverse '
+            f'frequencies config.json implies {ours.tolist()} (rope_theta '
+            f'{cfg.rope_theta}, rope_scaling {cfg.rope_scaling}).')
   _norm(store, f'{p}norm', ('final_norm',), d, False, params)
   _lm_head(store, cfg, embedding, params)
   return params
@@ -602,7 +614,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def is_hf_checkpoint(directory: str | os.PathLike[str]) -> bool:
-  """Whether `directory` looks like a Hugging Face checkpoint (config.json + weights)."""
+  """Whether `directory` has config.json and safetensors weights (HF layout)."""
   d = pathlib.Path(directory)
   return (d / CONFIG_FILE).is_file() and (
       (d / WEIGHTS_FILE).is_file() or (d / INDEX_FILE).is_file())
@@ -616,7 +628,9 @@ def load_hf_checkpoint(directory: str | os.PathLike[str], *,
   Args:
     directory: holds config.json and model.safetensors, or a sharded
       model.safetensors.index.json (its weight_map names each tensor's shard).
-    dtype: the parameters' and the config's dtype (float32 for parity checks).
+    dtype: the activation dtype (`DecoderConfig.dtype`) and the dtype the
+      parameters are stored in (bfloat16 halves a large model's memory; float32
+      for parity checks). Tensors are read as float32 and cast once.
 
   Returns:
     (config, model) with every checkpoint tensor placed in the model.

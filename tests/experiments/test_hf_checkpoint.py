@@ -30,9 +30,6 @@ _LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64)
 
-# Measured by the parity tests (max over their prompt batches), for the report.
-MEASURED: dict[str, float] = {}
-
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
   """Random weights of a useful scale (HF's init has zero biases, unit norms)."""
@@ -174,7 +171,6 @@ def _check_parity(name: str, directory, hf_model, seed: int) -> None:
     np.testing.assert_allclose(ours_left[i, t - n:],
                                _ours(model, padded, right)[i, :n],
                                rtol=0, atol=1e-4 * np.abs(ours_left).max())
-  MEASURED[name] = max(errors.values())
   print(f'{name}: max relative logit error {errors}')
   assert max(errors.values()) < RTOL, errors
 
@@ -285,6 +281,27 @@ def test_gpt2_hub_layout_without_prefix_and_with_mask_buffers(gpt2, tmp_path):
                                nnx.to_flat_state(nnx.state(reference,
                                                            nnx.Param))):
     np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+def test_llama_rotary_buffers_of_old_saves_are_checked(llama, tmp_path):
+  directory, hf_model = llama
+  inv_freq = hf_model.model.rotary_emb.inv_freq.numpy()  # [H / 2]
+
+  def edit(tensors, scale=1.0):
+    for i in range(2):
+      tensors[f'model.layers.{i}.self_attn.rotary_emb.inv_freq'] = (
+          scale * inv_freq)
+    return tensors
+
+  (tmp_path / 'a').mkdir()
+  _, model = hf_checkpoint.load_hf_checkpoint(
+      _rewrite(directory, tmp_path / 'a', edit))
+  assert model.config.rope_theta == 500.0
+  (tmp_path / 'b').mkdir()
+  with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.rotary_emb."
+                     r"inv_freq' .* differs from the inverse frequencies"):
+    hf_checkpoint.load_hf_checkpoint(_rewrite(
+        directory, tmp_path / 'b', lambda t: edit(t, 0.5)))
 
 
 def test_tied_copy_that_differs_is_an_error(gpt2, tmp_path):
@@ -449,6 +466,11 @@ def test_config_from_hf_qwen2_windows():
      "rope type 'yarn' is not supported"),
     (dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}),
      "'llama3' needs a positive \"low_freq_factor\""),
+    (dict(rope_parameters={'full_attention': {'rope_type': 'default'}}),
+     r"rope parameters \['full_attention'\] are not supported"),
+    (dict(rope_parameters={'rope_type': 'linear', 'factor': 2.0,
+                           'attention_factor': 0.5}),
+     'attention_factor=0.5 is not supported'),
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
     (dict(hidden_size='32'), '"hidden_size" must be an int'),
     (dict(num_hidden_layers=None), 'config.json needs "num_hidden_layers"'),
