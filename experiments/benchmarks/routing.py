@@ -829,13 +829,15 @@ def run_and_write(suite: str, workdir: str, parts: Sequence[str]
                  ) -> list[dict[str, Any]]:
   """`run`, then <workdir>/routing[_part].json / .csv / .md (this module's entry)."""
   from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark_report  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   rows = run(suite, workdir, parts)
   topic = 'routing' if len(set(parts)) == 2 else f'routing_{parts[0]}'
   benchmark.write_rows(workdir, topic, rows)
-  text = (f'# routing ({", ".join(parts)}), suite={suite}, '
-          f'{time.perf_counter() - start:.1f} s\n\n' + benchmark.markdown_table(rows))
+  seconds = time.perf_counter() - start
+  text = (f'# routing ({", ".join(parts)}), suite={suite}, {seconds:.1f} s\n\n' +
+          benchmark_report.topic_markdown(topic, rows, workdir, seconds))
   with open(os.path.join(workdir, f'{topic}.md'), 'w') as f:
     f.write(text + '\n')
   print(text)

@@ -13,6 +13,7 @@ from experiments import benchmark
 from experiments.benchmarks import attention as attn_bench
 from experiments.benchmarks import common
 from experiments.benchmarks import sparse
+from tests.experiments import report_checks
 
 
 @pytest.mark.parametrize('mask', [
@@ -62,8 +63,11 @@ def test_binary_end_to_end(tmp_path, monkeypatch):
     assert r['fwd_s'] > 0 and r['fwd_bwd_s'] > 0
     if r['implementation'] == 'jax.nn':
       assert r['fwd_ratio_vs_jax_nn'] == 1.0
-  assert os.path.exists(os.path.join(workdir, 'attention_fwd_s.png'))
-  assert '| variant |' in open(os.path.join(workdir, 'results.md')).read()
+  # One length: no time-vs-length plot, one rectangular table with units.
+  assert report_checks.check_report(workdir, ['attention']) == {'attention': []}
+  text = open(os.path.join(workdir, 'results.md')).read()
+  assert ('| implementation | pattern | S | fwd ratio vs jax.nn (x) | '
+          'fwd+bwd ratio vs jax.nn (x) | bwd / fwd (x) | fwd (ms) |') in text
 
 
 def test_sparse_topic_predicted_vs_measured(monkeypatch):

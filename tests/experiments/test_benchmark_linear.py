@@ -8,6 +8,7 @@ from absl import flags
 from experiments import benchmark
 from experiments.benchmarks import common
 from experiments.benchmarks import linear as linear_bench
+from tests.experiments import report_checks
 
 
 def test_linear_topic_rows_on_tiny_preset(tmp_path, monkeypatch):
@@ -43,4 +44,8 @@ def test_linear_topic_rows_on_tiny_preset(tmp_path, monkeypatch):
   # The subprocess's real peak holds at least what it had before the attention.
   assert 0 < mem['peak_rss_before_attention_gib'] <= mem['fwd_bwd_peak_rss_gib'] < 4
   assert mem['grads_finite'] is True
-  assert '| section |' in open(os.path.join(tmp_path, 'results.md')).read()
+  assert report_checks.check_report(str(tmp_path), ['linear']) == {
+      'linear': ['linear_time_vs_length.png']}
+  text = open(os.path.join(tmp_path, 'results.md')).read()
+  for section in by:
+    assert f'### linear: {section} (' in text

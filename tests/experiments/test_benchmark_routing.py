@@ -10,6 +10,7 @@ import pytest
 
 from experiments import benchmark
 from experiments.benchmarks import routing as routing_bench
+from tests.experiments import report_checks
 
 
 @pytest.mark.parametrize('name, cfg', [
@@ -89,7 +90,11 @@ def test_routing_topic_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
   assert quality[0]['distill_loss_last'] > 0
   for r in quality:
     assert 0.0 <= r['accuracy'] <= 1.0 and r['seq_len'] == q['seq_len']
-  assert '| section |' in open(os.path.join(tmp_path, 'results.md')).read()
+  assert report_checks.check_report(str(tmp_path), ['routing']) == {'routing': [
+      'routing_accuracy_vs_density.png', 'routing_predicted_vs_measured.png']}
+  text = open(os.path.join(tmp_path, 'results.md')).read()
+  for section in by:
+    assert f'### routing: {section} (' in text
 
 
 def test_module_entry_writes_rows_per_part(tmp_path, monkeypatch):
@@ -106,7 +111,9 @@ def test_module_entry_writes_rows_per_part(tmp_path, monkeypatch):
                        (['timing', 'quality'], 'routing')):
     rows = routing_bench.run_and_write('quick', str(tmp_path), parts)
     assert json.load(open(os.path.join(tmp_path, f'{topic}.json'))) == rows
-    assert '| section | name | measured_ms |' in open(
-        os.path.join(tmp_path, f'{topic}.md')).read()
+    text = open(os.path.join(tmp_path, f'{topic}.md')).read()
+    assert f'### {topic}: {parts[0]} (1 row)' in text
+    assert '| name | measured (ms) |' in text
+    assert report_checks.check_rectangular(text) == 1
   assert calls == [('quick', str(tmp_path), ('quality',)),
                    ('quick', str(tmp_path), ('timing', 'quality'))]
