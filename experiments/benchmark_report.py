@@ -150,9 +150,11 @@ def column_header(key: str, values: Sequence[Any]) -> tuple[str, float]:
     if key.startswith('seconds_'):
       base = 'time_' + base
     base = _humanize(base) or 'time'
-    if nums and max(nums) >= 10:
+    if nums and max(nums) >= 1:
       return f'{base} (s)', 1.0
     return f'{base} (ms)', 1e3
+  if 'gflops' in key:
+    return _humanize(key.replace('gflops', '')) + ' (GFLOP/s)', 1.0
   if 'tflops' in key:
     return _humanize(key.replace('tflops', '')) + ' (TFLOP/s)', 1.0
   if 'points' in key:
@@ -162,8 +164,6 @@ def column_header(key: str, values: Sequence[Any]) -> tuple[str, float]:
       return f'{_humanize(key)} (GFLOP)', 1e-9
     base = _humanize(_strip(key, ('_per_s',)).replace('flops', '')).strip()
     return (f'{base} (GFLOP/s)' if base else 'GFLOP/s'), 1e-9
-  if key.endswith('gflops_ceiling') or key.endswith('_gflops'):
-    return f'{_humanize(key)} (GFLOP/s)', 1.0
   if _is_rate(key):
     base = _strip(key, ('_per_s', '_per_sec'))
     return f'{_humanize(base)}/s', 1.0

@@ -43,7 +43,8 @@ def test_rows_with_pipes_newlines_and_different_fields_stay_rectangular():
 def test_units_in_headers_from_field_names():
   cases = {
       'fwd_s': ([0.5], 'fwd (ms)', 1e3),
-      'train_s_incl_compile': ([12.0], 'train incl compile (s)', 1.0),
+      'train_s_incl_compile': ([0.5, 1.2], 'train incl compile (s)', 1.0),
+      'matmul_gflops_ceiling': ([80.0], 'matmul ceiling (GFLOP/s)', 1.0),
       'seconds': ([0.1], 'time (ms)', 1e3),
       'measured_ms': ([3.0], 'measured (ms)', 1.0),
       'mem_fwd_bytes': ([2.0**20], 'mem fwd (MiB)', 2.0**-20),
