@@ -115,6 +115,15 @@ def read_results(path: str) -> dict[tuple[int, int], float]:
   return out
 
 
+def _end_torn_line(path: str) -> None:
+  """Terminates a last line left unfinished by a killed run (it is then skipped)."""
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb+') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
   """Per-head calibrated accuracies and the kept heads.
@@ -135,6 +144,7 @@ class SearchResult:
 def search(evaluate: Callable[[np.ndarray], float], *, baseline: float,
            layers: Sequence[int], num_layers: int, num_heads: int,
            results_path: str, max_heads: int | None = None,
+           tokens_per_head: int = 0,
            on_head: Callable[[int, int, float], None] | None = None
           ) -> SearchResult:
   """ACT head filtering: one head at a time, keep those that beat `baseline`.
@@ -148,6 +158,7 @@ def search(evaluate: Callable[[np.ndarray], float], *, baseline: float,
     results_path: JSON-lines file of finished heads (appended; read on start).
     max_heads: evaluate at most this many new heads in this call (then return
       with complete=False); None = all.
+    tokens_per_head: tokens one evaluation reads (for the progress line).
     on_head: called after each newly evaluated head with (layer, head, accuracy).
   """
   if max_heads is not None and (isinstance(max_heads, bool) or not isinstance(
@@ -161,6 +172,7 @@ def search(evaluate: Callable[[np.ndarray], float], *, baseline: float,
         f'{results_path} holds heads {stale[:4]} outside the searched layers '
         f'{list(layers)}: it belongs to another search; use another workdir.')
   pending = [lh for lh in todo if lh not in done]
+  _end_torn_line(results_path)
   if done:
     logging.info('ACT head search: %d of %d heads already done (%s).',
                  len(done), len(todo), results_path)
@@ -177,10 +189,11 @@ def search(evaluate: Callable[[np.ndarray], float], *, baseline: float,
     done[(layer, head)] = accuracy
     count += 1
     step = len(done)
-    steps_per_sec, _ = progress.rates(step, 1)
+    steps_per_sec, tokens_per_sec = progress.rates(step, tokens_per_head)
     logging.info('ACT head search: %s', progress.line(
         step, {'accuracy': accuracy, 'steps_per_sec': steps_per_sec,
-               'tokens_per_sec': 0.0}).replace('step ', 'head ', 1) +
+               'tokens_per_sec': tokens_per_sec}).replace(
+                   'step ', 'head ', 1).replace('steps/s', 'heads/s') +
                  f' | (layer {layer}, head {head}) vs baseline {baseline:.4g}')
     if on_head is not None:
       on_head(layer, head, accuracy)
