@@ -22,6 +22,11 @@ The blocked protocol (used by `attend(..., method='blocked')`, which never build
     kernel's tiles (FlexAttention's score_mod convention).
   - 'probs': `blocked_probs(ctx)` rebuilds the edited output from the blocked pass's
     output, log-sum-exp and further blocked passes (`attention.interventions.blocked`).
+  - 'query_scale': a per-head factor on the logits, applied to the queries
+    (`query_scale(num_heads) -> [N]`; valid because the other logit edits are masks,
+    which commute with a positive scale). A multiplicative edit is kept out of the
+    kernel's score_mod: the blocked kernel's backward differentiates a score_mod
+    w.r.t. the score only when the mod has float params to differentiate.
   - 'output': `edit_output` is already O(T) and runs as is.
 
 Einsum letters: b batch, t query position, s key position, n query head.
@@ -297,13 +302,17 @@ class Intervention:
 
   Class attributes:
     stage: which dense hook the subclass overrides: 'logits', 'probs' or 'output'.
-    blocked: its blocked form: None, 'logit_mod', 'probs' or 'output' (module doc).
+    blocked: its blocked form: None, 'logit_mod', 'query_scale', 'probs' or
+      'output' (module doc).
+    logit_mask: True when its logit edit only hides entries (-inf), so it commutes
+      with a 'query_scale' edit.
   """
   layers: tuple[int, ...] | None = None
   heads: tuple[int, ...] | None = None
 
   stage: ClassVar[str] = 'output'
   blocked: ClassVar[str | None] = 'output'
+  logit_mask: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -380,6 +389,10 @@ class Intervention:
     """Elementwise logit edit on broadcast int32 indices (blocked == 'logit_mod')."""
     del b, h, q_idx, kv_idx, num_heads
     return score
+
+  def query_scale(self, num_heads: int) -> np.ndarray:
+    """[N] factors on the queries (blocked == 'query_scale')."""
+    return np.ones((num_heads,), np.float32)
 
   def blocked_probs(self, ctx: Any) -> jax.Array:
     """The edited output [B, T, N, Hv] from a `blocked.BlockedContext`."""

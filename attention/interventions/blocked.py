@@ -165,7 +165,7 @@ def column_sums(q: jax.Array, k: jax.Array, lse: jax.Array, mod: problem_lib.Sco
 
   real = jnp.ones((t,), bool)
   init = (jnp.zeros((b, n, s), cdt), jnp.zeros((b, 1, s), jnp.int32))
-  return map_query_blocks(fn_masked, block, t, (q, 1, 0), (lse_safe, 2, jnp.inf),
+  return map_query_blocks(fn, block, t, (q, 1, 0), (lse_safe, 2, jnp.inf),
                           (real, 0, False), reduce=True, init=init)
 
 
@@ -202,13 +202,17 @@ class BlockedContext:
                        block=self.block)
 
   def weighted(self, values: jax.Array) -> jax.Array:
-    """sum_j A_ij values_j with the call's probabilities: [B, S, N, C] -> [B, T, N, C].
+    """sum_j A_ij values_j with the call's probabilities: [B, S, K|N, C] -> [B, T, N, C].
 
-    `values` per query head (N heads; use `repeat_kv` for v). One kernel pass.
+    `values` per kv head (K, shared by the query heads of a group, as v) or per
+    query head (N; `repeat_kv` makes them from v). One kernel pass.
     """
-    n = self.num_heads
+    n, kh = self.num_heads, self.k.shape[2]
+    if values.shape[2] not in (kh, n):
+      raise ValueError(f'values must have {kh} (kv) or {n} (query) heads, got '
+                       f'{values.shape[2]}.')
     dt = values.dtype
-    k = repeat_kv(self.k, n) if self.k.shape[2] != n else self.k
+    k = self.k if values.shape[2] == kh else repeat_kv(self.k, n)
     return api.dot_product_attention(
         self.q.astype(dt), k.astype(dt), values, scale=self.site.scale,
         score_mod=self.mod, implementation=self.implementation)

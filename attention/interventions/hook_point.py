@@ -25,6 +25,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention import api
 from attention.interventions import base
@@ -73,6 +74,12 @@ def blocked_unsupported(interventions: Sequence[base.Intervention],
   """Why these edits / this record need the dense map (None: blocked is exact)."""
   if record is not None and record.needs_dense:
     return 'record.probs / record.logits need the [T, S] map'
+  scaled = [iv.name for iv in interventions if iv.blocked == 'query_scale']
+  unmasked = [iv.name for iv in interventions if iv.stage == 'logits' and
+              iv.blocked == 'logit_mod' and not iv.logit_mask]
+  if scaled and unmasked:
+    return (f'the logit scale of {scaled[0]} does not commute with {unmasked[0]} '
+            '(not a mask)')
   seen_probs = None
   for iv in interventions:
     if iv.blocked is None:
@@ -201,7 +208,13 @@ def _dense(q, k, v, site, active, rec):
 @functools.partial(jax.jit, static_argnames=('implementation', 'block'))
 def _blocked(q, k, v, site, active, implementation, block):
   n = q.shape[2]
-  logit_ivs = _stage(active, 'logits') + [
+  scale = np.ones((n,), np.float32)
+  for iv in active:
+    if iv.blocked == 'query_scale':
+      scale = scale * iv.query_scale(n)
+  if not np.all(scale == 1.0):
+    q = q * jnp.asarray(scale, q.dtype)[:, None]
+  logit_ivs = [iv for iv in _stage(active, 'logits') if iv.blocked == 'logit_mod'] + [
       iv for iv in _stage(active, 'probs') if iv.blocked == 'logit_mod']
   mod = blocked_lib.make_score_mod(site, logit_ivs, n)
   out, lse = api.dot_product_attention(
