@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attention import api
 from attention.interventions import base
@@ -145,7 +144,7 @@ def column_sums(q: jax.Array, k: jax.Array, lse: jax.Array, mod: problem_lib.Sco
   exp(logits - lse) (rows that see nothing: lse = -inf gives 0). No gradient (the
   sums feed a threshold).
   """
-  q, k, lse = jax.lax.stop_gradient((q, k, lse))
+  q, k, lse, mod = jax.tree_util.tree_map(jax.lax.stop_gradient, (q, k, lse, mod))
   b, t, n, _ = q.shape
   s = k.shape[1]
   cdt = jnp.promote_types(q.dtype, jnp.float32)
