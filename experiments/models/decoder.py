@@ -17,10 +17,12 @@ intervention applies to the layer, or the layer is recorded, it builds an
 calls `attention.dot_product_attention` directly (the fast path).
 
 Visibility (as `AttentionSite.visible`): key j is visible to query i iff key j is a
-real token (attention_mask / kv_valid), kv_pos_j <= q_pos_i and, with a sliding
-window w, q_pos_i - kv_pos_j < w. Positions default to arange(T) (Hugging Face's
-plain forward) or, with a cache, to cache.length + arange(T). A query row that sees
-nothing (e.g. a left-pad token) gives a zero attention output, never NaN.
+real token (attention_mask / kv_valid), query i is a real token, kv_pos_j <= q_pos_i
+and, with a sliding window w, q_pos_i - kv_pos_j < w (causality by position, so
+left-padded rows with positions cumsum(mask) - 1 match Hugging Face). Positions
+default to arange(T) (Hugging Face's plain forward) or, with a cache, to
+cache.length + arange(T). A query row that sees nothing (a padding token) gives a
+zero attention output, never NaN.
 
 The KV cache (`KVCache`) is a pytree: per layer k [B, S_max, K, H] and v, plus
 kv_positions [B, S_max], kv_valid [B, S_max] and the number of slots written
@@ -48,6 +50,8 @@ from jax.sharding import NamedSharding
 
 import attention as attention_lib
 from attention import masks as masks_lib
+from attention.interventions import base as iv_base
+from attention.interventions import hook_point
 from experiments import sharding as sharding_lib
 
 _NORMS = ('rms', 'layer')
@@ -283,13 +287,20 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 
 def visibility(q_positions: jax.Array, kv_positions: jax.Array,
-               kv_valid: jax.Array, window: int | None) -> jax.Array:
-  """bool [B, 1, T, S]: kv_valid and kv_pos <= q_pos (and q_pos - kv_pos < window)."""
+               kv_valid: jax.Array, window: int | None,
+               q_valid: jax.Array | None = None) -> jax.Array:
+  """bool [B, 1, T, S] as `AttentionSite.visible`.
+
+  kv_valid and kv_pos <= q_pos (and q_pos - kv_pos < window, and q_valid: a padding
+  query sees nothing).
+  """
   q = q_positions[:, None, :, None]  # [B, 1, T, 1]
   k = kv_positions[:, None, None, :]  # [B, 1, 1, S]
   visible = kv_valid[:, None, None, :] & (k <= q)
   if window is not None:
     visible = visible & (q - k < window)
+  if q_valid is not None:
+    visible = visible & q_valid[:, None, :, None]
   return visible
 
 
@@ -553,6 +564,8 @@ class CausalDecoder(nnx.Module):
                                           c.rope_scaling))
                 if c.positions == 'rope' else None)
 
+    # Padding queries see nothing (zero attention output, ignored by ACT's sums).
+    q_valid = None if attention_mask is None else valid
     if cache is None:
       kv_positions, kv_valid = positions, valid
       slots = None
@@ -580,13 +593,13 @@ class CausalDecoder(nnx.Module):
                                          i in record.layers)
       if hooked or recorded:
         out, layer_records = _hooked_attention(
-            c, i, q, k, v, positions, kv_positions, kv_valid, x, hooked,
-            record if recorded else None)
+            c, i, q, k, v, positions, kv_positions, kv_valid, q_valid, x,
+            hooked, record if recorded else None)
         if recorded:
           records[i] = dict(layer_records)
       else:
         out = _fast_attention(c, q, k, v, positions, kv_positions, kv_valid,
-                              plain)
+                              q_valid, plain)
       attn = block.attn
       y = jnp.einsum('btnh,nhd->btd', out.astype(c.dtype),
                      attn.wo[...].astype(c.dtype))  # [B, T, D]
@@ -624,7 +637,7 @@ def _project_qkv(attn: Attention, x: jax.Array
 
 
 def _fast_attention(c: DecoderConfig, q, k, v, q_positions, kv_positions,
-                    kv_valid, plain: bool) -> jax.Array:
+                    kv_valid, q_valid, plain: bool) -> jax.Array:
   """`attention.dot_product_attention` with the decoder's visibility."""
   scale = c.head_dim ** -0.5
   if plain:
@@ -635,20 +648,20 @@ def _fast_attention(c: DecoderConfig, q, k, v, q_positions, kv_positions,
     return attention_lib.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, scale=scale,
         implementation=c.implementation)
-  mask = visibility(q_positions, kv_positions, kv_valid, c.sliding_window)
+  mask = visibility(q_positions, kv_positions, kv_valid, c.sliding_window,
+                    q_valid)
   return attention_lib.dot_product_attention(
       q, k, v, mask=mask, scale=scale, implementation=c.implementation)
 
 
 def _hooked_attention(c: DecoderConfig, layer: int, q, k, v, q_positions,
-                      kv_positions, kv_valid, hidden, interventions, record):
+                      kv_positions, kv_valid, q_valid, hidden, interventions,
+                      record):
   """The hook point: `attention.interventions.hook_point.attend` on a site."""
-  from attention.interventions import base as iv_base  # pylint: disable=g-import-not-at-top
-  from attention.interventions import hook_point  # pylint: disable=g-import-not-at-top
   site = iv_base.AttentionSite(
       layer=layer, num_layers=c.depth, q_positions=q_positions,
       kv_positions=kv_positions, kv_valid=kv_valid, window=c.sliding_window,
-      hidden=hidden, scale=c.head_dim ** -0.5)
+      hidden=hidden, scale=c.head_dim ** -0.5, q_valid=q_valid)
   return hook_point.attend(q, k, v, site, interventions, record)
 
 
@@ -668,8 +681,11 @@ def _check_inputs(c: DecoderConfig, tokens, positions, attention_mask,
   b, t = tokens.shape
   if t == 0:
     raise ValueError('tokens must have at least one position, got T=0.')
+  if cache is not None and not isinstance(cache, KVCache):
+    raise TypeError(f'cache must be a KVCache, got {type(cache).__name__}.')
   if not _is_traced(tokens):
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    host = np.asarray(tokens)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= c.vocab_size:
       raise ValueError(
           f'tokens must be in [0, vocab_size={c.vocab_size}), got values in '
@@ -682,7 +698,8 @@ def _check_inputs(c: DecoderConfig, tokens, positions, attention_mask,
           f'positions must be an int array of shape {(b, t)} (as tokens), got '
           f'{positions.dtype} {tuple(positions.shape)}.')
     if not _is_traced(positions):
-      lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+      host = np.asarray(positions)
+      lo, hi = int(host.min()), int(host.max())
       limit = c.max_positions if c.positions == 'learned' else None
       if lo < 0 or (limit is not None and hi >= limit):
         raise ValueError(
@@ -711,8 +728,6 @@ def _check_inputs(c: DecoderConfig, tokens, positions, attention_mask,
             f'attention_mask must hold 0 / 1, got values {values.tolist()}.')
     valid = attention_mask.astype(bool)
   if cache is not None:
-    if not isinstance(cache, KVCache):
-      raise TypeError(f'cache must be a KVCache, got {type(cache).__name__}.')
     if len(cache.k) != c.depth or cache.batch_size != b or (
         cache.k[0].shape[2:] != (c.num_kv_heads, c.head_dim)):
       raise ValueError(
@@ -784,12 +799,9 @@ def decode_step(model: CausalDecoder, tokens: jax.Array, cache: KVCache, *,
 
 def param_mesh(model: nnx.Module) -> Mesh | None:
   """The mesh the model's parameters are placed on (NamedSharding), or None."""
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    sh = getattr(leaf, 'sharding', None)
-    if isinstance(sh, NamedSharding):
-      return sh.mesh
-    return None
-  return None
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  sh = getattr(leaves[0], 'sharding', None) if leaves else None
+  return sh.mesh if isinstance(sh, NamedSharding) else None
 
 
 def place_on_mesh(model: CausalDecoder, mesh: Mesh) -> CausalDecoder:
@@ -870,6 +882,10 @@ def _trainer_window(spec: str, num_heads: int) -> int | None:
       f'got attention.mask {spec!r}.')
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
 def _child(tree: Mapping[Any, Any], index: int) -> Any:
   if index in tree:
     return tree[index]
@@ -894,8 +910,7 @@ def from_trainer_lm(params: Mapping[str, Any], model_config: Any, *,
     ValueError: for attention variants other than softmax (linear, MoH, ...), masks
       other than causal / causal sliding window, sinks or a logits soft-cap.
   """
-  embed = np.asarray(params['embed'])
-  vocab = embed.shape[0] if vocab_size is None else vocab_size
+  vocab = _shape(params['embed'])[0] if vocab_size is None else vocab_size
   config = config_from_trainer(model_config, vocab)
   model = nnx.eval_shape(lambda: CausalDecoder(config, rngs=nnx.Rngs(0)))
   blocks = params['encoder']['blocks']
@@ -915,7 +930,7 @@ def from_trainer_lm(params: Mapping[str, Any], model_config: Any, *,
     }
   state = nnx.state(model)
   expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
-  got = jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+  got = jax.tree.map(_shape, tree)
   if expected != got:
     raise ValueError(
         f'params do not match the model config: expected shapes {expected}, got '
@@ -925,8 +940,11 @@ def from_trainer_lm(params: Mapping[str, Any], model_config: Any, *,
   return model
 
 
-from experiments.models.generation import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.models.generation import sample_logits  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Generation lives in its own module; re-exported (it needs nothing from here).
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.models.generation import generate
+from experiments.models.generation import sample_logits
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 __all__ = [
     'CausalDecoder', 'DecoderConfig', 'DecoderOutput', 'KVCache', 'apply_rope',

@@ -19,22 +19,37 @@ from flax import nnx
 
 
 def sample_logits(logits: jax.Array, key: jax.Array | None, *,
-                  temperature: float = 1.0,
-                  top_k: int | None = None) -> jax.Array:
+                  temperature: float | jax.Array = 1.0,
+                  top_k: int | jax.Array | None = None) -> jax.Array:
   """Next tokens [B] int32 from logits [B, V]: argmax (key None) or a sample.
 
   A sample draws from softmax(logits / temperature) restricted to the top_k largest
-  logits (all when top_k is None; ties at the k-th value are kept).
+  logits (all when top_k is None; ties at the k-th value are kept). temperature and
+  top_k may be traced.
   """
   if logits.ndim != 2:
     raise ValueError(f'logits must be [B, V], got {tuple(logits.shape)}.')
   if key is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return _sample(logits, key, temperature,
+                 logits.shape[-1] if top_k is None else top_k)
+
+
+def _sample(logits, key, temperature, top_k):
+  """A draw from softmax(logits / temperature) over the top_k (traced) logits."""
   logits = logits.astype(jnp.float32) / temperature
-  if top_k is not None and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  v = logits.shape[-1]
+  index = jnp.clip(v - jnp.asarray(top_k, jnp.int32), 0, v - 1)
+  kth = jnp.sort(logits, axis=-1)[:, index][:, None]  # [B, 1]
+  logits = jnp.where(logits >= kth, logits, -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _next_token(logits, key, step, temperature, top_k, sample):
+  """Greedy or sampled (traced `sample`) token of step `step`."""
+  drawn = _sample(logits, jax.random.fold_in(key, step), temperature, top_k)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jnp.where(sample, drawn, greedy)
 
 
 def _check_sampling(key, temperature, top_k, vocab_size: int) -> None:
@@ -72,14 +87,12 @@ def _prefill(graphdef, state, cache, prompt, positions, mask, interventions, *,
   return out.logits[:, -1], _constrain(out.cache, shardings)
 
 
-@functools.partial(
-    jax.jit, static_argnames=('graphdef', 'shardings', 'top_k', 'sample'),
-    donate_argnames=('cache',))
-def _step(graphdef, state, cache, logits, key, step, temperature, interventions,
-          *, shardings, top_k, sample):
-  """Samples the token of `logits`, appends it; (token, next logits, cache)."""
-  step_key = jax.random.fold_in(key, step) if sample else None
-  token = sample_logits(logits, step_key, temperature=temperature, top_k=top_k)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'),
+                   donate_argnames=('cache',))
+def _step(graphdef, state, cache, logits, key, step, temperature, top_k, sample,
+          interventions, *, shardings):
+  """Picks the token of `logits`, appends it; (token, next logits, cache)."""
+  token = _next_token(logits, key, step, temperature, top_k, sample)
   model = nnx.merge(graphdef, state)
   positions = cache.next_positions()[:, None]  # [B, 1]
   out = model(token[:, None], positions=positions, cache=cache,
@@ -87,17 +100,16 @@ def _step(graphdef, state, cache, logits, key, step, temperature, interventions,
   return token, out.logits[:, 0], _constrain(out.cache, shardings)
 
 
-@functools.partial(jax.jit, static_argnames=('top_k', 'sample'))
-def _last(logits, key, step, temperature, *, top_k, sample):
-  step_key = jax.random.fold_in(key, step) if sample else None
-  return sample_logits(logits, step_key, temperature=temperature, top_k=top_k)
+_last = jax.jit(_next_token)
 
 
 def generate(model: nnx.Module, prompt: jax.Array,
              attention_mask: jax.Array | None = None, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 1.0,
              top_k: int | None = None,
-             interventions: Sequence[Any] = ()) -> jax.Array:
+             interventions: Sequence[Any] = (),
+             return_logits: bool = False
+            ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Continues left-padded prompts by `max_new_tokens` tokens.
 
   Args:
@@ -111,9 +123,11 @@ def generate(model: nnx.Module, prompt: jax.Array,
     temperature: sampling temperature (> 0).
     top_k: sample among the top_k logits only (None: all).
     interventions: applied in every forward (prefill and each step).
+    return_logits: also return the logits each new token was chosen from.
 
   Returns:
-    [B, T + max_new_tokens] int32: the prompt (pads included) and the new tokens.
+    tokens [B, T + max_new_tokens] int32: the prompt (pads included) and the new
+    tokens; with return_logits, (tokens, logits [B, max_new_tokens, V] float32).
   """
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
@@ -154,21 +168,26 @@ def generate(model: nnx.Module, prompt: jax.Array,
     shardings = jax.tree.map(lambda x: x.sharding, cache)
   graphdef, state = nnx.split(model)
   interventions = tuple(interventions)
-  sample = key is not None
+  sample = jnp.asarray(key is not None)
   key = jax.random.key(0) if key is None else key
   temperature = jnp.float32(temperature)
+  top_k = jnp.int32(config.vocab_size if top_k is None else top_k)
   logits, cache = _prefill(graphdef, state, cache, prompt.astype(jnp.int32),
                            positions, mask, interventions, shardings=shardings)
-  new = []
+  new, seen = [], [logits]
   for i in range(max_new_tokens - 1):
     token, logits, cache = _step(
-        graphdef, state, cache, logits, key, jnp.int32(i), temperature,
-        interventions, shardings=shardings, top_k=top_k, sample=sample)
+        graphdef, state, cache, logits, key, jnp.int32(i), temperature, top_k,
+        sample, interventions, shardings=shardings)
     new.append(token)
+    seen.append(logits)
   new.append(_last(logits, key, jnp.int32(max_new_tokens - 1), temperature,
-                   top_k=top_k, sample=sample))
-  return jnp.concatenate([prompt.astype(jnp.int32), jnp.stack(new, axis=1)],
-                         axis=1)
+                   top_k, sample))
+  tokens = jnp.concatenate([prompt.astype(jnp.int32), jnp.stack(new, axis=1)],
+                           axis=1)
+  if return_logits:
+    return tokens, jnp.stack(seen, axis=1)
+  return tokens
 
 
 __all__ = ['generate', 'left_pad_positions', 'sample_logits']
