@@ -202,11 +202,12 @@ class _Tiles:
     return t.reshape(t.shape[:2] + heads + t.shape[3:])
 
   def scores(self, qt, kt, rows, cols, bitmap_ids, valid, transposed=False,
-             fill=-jnp.inf, additive=False, mod_vjp=False):
+             fill=-jnp.inf, additive=False, mod_vjp=False, mod_params=False):
     """Masked logits, tanh(z) (None without soft-cap) and the score_mod's VJP.
 
     The VJP (only with `mod_vjp` and a score_mod, else None) maps d(modded logits)
-    to (d(pre-mod logits), d(float params)).
+    to (d(pre-mod logits), d(float params)); the param list is empty unless
+    `mod_params`.
 
     qt: [C, B, Ku, gu * bq, H] (pre-scaled); kt: [C, B, Ku, W, H] (W = width).
     Returns [C, B, Ku, gu, bq, W], or with `transposed` [C, B, Ku, W, gu, bq]: keys
@@ -240,7 +241,7 @@ class _Tiles:
     if self.mod is not None:
       index = self.indices(rows, cols, transposed)
       if mod_vjp:
-        s, vjp = _mod_with_vjp(self.mod, s, index)
+        s, vjp = _mod_with_vjp(self.mod, s, index, mod_params)
       else:
         s = _apply_mod(self.mod, self.mod.params, s, index)
     if self.bias is not None:
@@ -286,9 +287,15 @@ def _float_leaves(params) -> tuple[list[Any], Any, list[int]]:
   return leaves, treedef, diff
 
 
-def _mod_with_vjp(mod: problem_lib.ScoreMod, s, index):
-  """(mod(s), vjp: ds -> (d s_pre, [d float params])) of one tile."""
+def _mod_with_vjp(mod: problem_lib.ScoreMod, s, index, with_params: bool = True):
+  """(mod(s), vjp: ds -> (d s_pre, [d float params])) of one tile.
+
+  Without `with_params` the vjp is taken w.r.t. the score only (its param list is
+  empty): every backward needs d mod / d score, which is 1 only for additive mods.
+  """
   leaves, treedef, diff = _float_leaves(mod.params)
+  if not with_params:
+    diff = []
 
   def f(s, floats):
     full = list(leaves)
@@ -644,7 +651,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
         qt, dot = qg[rows], dog[rows]  # [C, B, Ku, gu * bq, H / Hv]
         s, tanh, mod_vjp = tiles.scores(
             qt, kt, rows, cols_fixed, bitmap_ids, valid, transposed=True,
-            mod_vjp=with_mod)  # [C, B, Ku, bk, gu, bq]
+            mod_vjp=mod is not None, mod_params=with_mod)  # [C, B, Ku, bk, gu, bq]
         p = jnp.exp(s - lseg[rows][:, :, :, None])
         flat = p.shape[:4] + (-1,)  # [C, B, Ku, bk, gu * bq]
         keep = (tiles.dropout(rows, cols_fixed, cdt, transposed=True) if drop
@@ -663,7 +670,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
                              rows, cols_fixed, bq, bk)
         if mod_vjp is not None:  # through the score_mod to the soft-capped logits
           ds, d_floats = mod_vjp(ds)
-          dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
+          if with_mod:
+            dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
         dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
         dz = dz.reshape(flat)
         dk_acc = dk_acc + _bdot('cbkjm,cbkmh->cbkjh', dz, qt,

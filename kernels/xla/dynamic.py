@@ -245,7 +245,8 @@ class _Tiles:
     lead = jnp.broadcast_shapes(*(a.shape for a in index))
     return acc.at[index].add(_sum_to(ds, lead + acc.shape[4:]))
 
-  def scores(self, qt, kt, rows, col, valid, *, transposed=False, mod_vjp=False):
+  def scores(self, qt, kt, rows, col, valid, *, transposed=False, mod_vjp=False,
+             mod_params=False):
     """Masked logits (-inf where hidden), tanh (None without soft-cap), mod VJP.
 
     qt: [Xc, u * bq, H] (pre-scaled); kt: [Xc, bk, H]; col: [Xc] listed kv blocks;
@@ -269,7 +270,7 @@ class _Tiles:
     if self.mod is not None:
       index = self.indices(rows, col, transposed)
       if mod_vjp:
-        s, vjp = _mod_with_vjp(self.mod, s, index)
+        s, vjp = _mod_with_vjp(self.mod, s, index, mod_params)
       else:
         s = _apply_mod(self.mod, self.mod.params, s, index)
     if self.bias is not None:
@@ -518,7 +519,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
       flat = x['kv_base'] + col
       kt, vt = kf[flat], vf[flat]  # [Xc, bk, H], [Xc, bk, Hv]
       s, tanh, mod_vjp = tiles.scores(qt, kt, r, col, j < cnt, transposed=True,
-                                      mod_vjp=with_mod)  # [Xc, bk, u, bq]
+                                      mod_vjp=mod is not None,
+                                      mod_params=with_mod)  # [Xc, bk, u, bq]
       p = jnp.exp(s - lse_x)
       keep = tiles.dropout(r, col, transposed=True) if drop else None
       p_drop = p if keep is None else p * keep
@@ -531,9 +533,10 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
       ds = p * (dp - delta_x)  # d logits (after mod, + bias)
       if with_bias:
         dbias = tiles.add_tiles(dbias, jnp.moveaxis(ds, 1, -1), r, col)
-      if mod_vjp is not None:
+      if mod_vjp is not None:  # d mod / d score is 1 only for additive mods
         ds, d_floats = mod_vjp(ds)
-        dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
+        if with_mod:
+          dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
       dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
       dz = dz.reshape(xc, bk, -1)  # [Xc, bk, u * bq]
       dk_t = jnp.einsum('xjm,xmh->xjh', dz, qt,

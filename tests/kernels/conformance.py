@@ -255,7 +255,10 @@ def case_empty_rows_score_mod() -> Case:
   kv_seg = np.stack([np.repeat([0, 1, 2], [10, 20, 10]), np.full(s, 4)])  # b=1: none
 
   def mod(score, b, h, q_idx, kv_idx):
-    return jnp.where((q_idx % 7 == 2) | (kv_idx > 35), -jnp.inf, score + 0.1 * h)
+    # Not additive in score (its derivative is not 1) and without params: the
+    # backward must still go through the mod.
+    return jnp.where((q_idx % 7 == 2) | (kv_idx > 35), -jnp.inf,
+                     score * (1.0 + 0.25 * (h % 3)) + 0.1 * h)
 
   return Case(
       floats, {'q_seg': jnp.asarray(q_seg), 'kv_seg': jnp.asarray(kv_seg)},
@@ -364,8 +367,15 @@ def case_dynamic_per_head_segments_alibi() -> Case:
                          'empty_rows', 'lse', 'gradients'}))
 
 
+def _halve_head_one(score, b, h, q_idx, kv_idx):
+  """A param-free score_mod that is not additive (d mod / d score = 0.5 on head 1)."""
+  del b, q_idx, kv_idx
+  return jnp.where(h == 1, 0.5 * score, score)
+
+
 def case_dynamic_union_window_dropout_mqa() -> Case:
-  """MQA, top-1 per batch (Bm=B, Hm=1) union a sink window, inner causal, dropout."""
+  """MQA, top-1 per batch (Bm=B, Hm=1) union a sink window, inner causal, dropout,
+  a param-free multiplicative score_mod."""
   rng = np.random.default_rng(24)
   b, t, n, blk = 2, 64, 4, 16
   floats = _qkv(rng, b, t, t, n, 1)
@@ -376,13 +386,13 @@ def case_dynamic_union_window_dropout_mqa() -> Case:
     dyn = masks.top_k_blocks(a['scores'], 1, q_len=t, kv_len=t, block_q=blk,
                              block_kv=blk)
     return dict(mask=masks.union(dyn, window), is_causal=True, dropout_rate=0.2,
-                dropout_key=a['key'])
+                dropout_key=a['key'], score_mod=_halve_head_one)
 
   return Case(floats, {'scores': jnp.asarray(_moba_scores(rng, b, 1, nq, nq)),
                        'key': jax.random.key(24)},
               kwargs, ('q', 'k', 'v'),
               frozenset({'dynamic_mask', 'mqa', 'mask_object', 'dropout', 'lse',
-                         'gradients'}))
+                         'score_mod_closure', 'gradients'}))
 
 
 def case_dynamic_closure_full_budget_decode() -> Case:
