@@ -29,7 +29,14 @@ kv_positions [B, S_max], kv_valid [B, S_max] and the number of slots written
 (`length`, shared by the batch; left-padded prompts keep their pad slots invalid).
 A call with a cache writes its tokens at slots [length, length + T) and attends to
 the whole cache, so prefill and `decode_step` (T = 1 against S_max keys) go through
-the same attention call.
+the same attention call. An eager call that would write past S_max raises
+ValueError; under jit (where the length is traced) such writes are dropped, so size
+the cache first (`generate` does).
+
+Fast-path masks: with default positions, no attention_mask and no cache, the call
+is `is_causal=True` (plus an `attention.masks.sliding_window` Mask), so a long
+prefill stays O(T) in memory on the blocked implementation; otherwise the
+visibility above is passed as a boolean mask [B, 1, T, S].
 
 Einsum letters: b batch, t query position, s key position, d model dim, n query
 heads, k kv heads, h head dim, f MLP hidden dim, v vocabulary.
