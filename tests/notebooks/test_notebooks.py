@@ -135,7 +135,8 @@ def cell_seconds(nb: nbformat.NotebookNode) -> list[tuple[int, float]]:
 
 def test_the_notebooks_are_there():
   assert {'icl_regression.ipynb', 'masks_gallery.ipynb',
-          'attention_variants.ipynb', 'dynamic_sparsity.ipynb'} <= set(NOTEBOOKS)
+          'attention_variants.ipynb', 'dynamic_sparsity.ipynb',
+          'recalibration.ipynb'} <= set(NOTEBOOKS)
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
