@@ -71,11 +71,17 @@ def kernel_manager(spec_dir: pathlib.Path) -> manager.KernelManager:
                '{connection_file}'],
       'display_name': 'attnlab test kernel', 'language': 'python'}))
   specs = kernelspec.KernelSpecManager(kernel_dirs=[str(spec_dir)])
-  return manager.KernelManager(kernel_name=KERNEL_NAME,
-                               kernel_spec_manager=specs)
+  # Connection file (and, on POSIX, the IPC sockets <dir>/connection-ipc-<n>) in
+  # the test's tmp dir: no ports to race for between pytest-xdist workers, nothing
+  # in ~/.local. TCP where a socket path would pass the ~104-byte limit.
+  connection = spec_dir / 'connection.json'
+  ipc = os.name == 'posix' and len(str(connection)) < 90
+  return manager.KernelManager(
+      kernel_name=KERNEL_NAME, kernel_spec_manager=specs,
+      connection_file=str(connection), transport='ipc' if ipc else 'tcp')
 
 
-def kernel_env() -> dict[str, str]:
+def kernel_env(tmp_dir: pathlib.Path) -> dict[str, str]:
   """The test's environment for the kernel: the repository importable, one CPU
   device (as on Colab: not the 8 simulated devices of tests/conftest.py), and XLA's
   backend optimisation off. At the notebooks' small settings every cell is bound by
@@ -86,6 +92,7 @@ def kernel_env() -> dict[str, str]:
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                  env.get('XLA_FLAGS', '')).split()
   env['XLA_FLAGS'] = ' '.join(flags + ['--xla_backend_optimization_level=0'])
+  env['IPYTHONDIR'] = str(tmp_dir / 'ipython')  # no history / profile in ~
   env['PYTHONPATH'] = os.pathsep.join(
       [str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
   return env
@@ -107,7 +114,7 @@ def execute(nb: nbformat.NotebookNode, tmp_dir: pathlib.Path
       resources={'metadata': {'path': str(ROOT)}})
   cpu0, start = _children_cpu_s(), time.perf_counter()
   try:
-    client.execute(env=kernel_env())
+    client.execute(env=kernel_env(tmp_dir))
   finally:
     if client.kc is not None:
       client.kc.stop_channels()
@@ -148,6 +155,9 @@ def test_notebook_is_stripped(name):
       assert cell.outputs == [], f'{name} cell {i} has outputs'
       assert cell.execution_count is None, f'{name} cell {i} has an execution count'
     assert 'attachments' not in cell or not cell.attachments, (name, i)
+    assert 'execution' not in cell.metadata, f'{name} cell {i} has timings'
+    assert not cell.metadata.get('collapsed') and not cell.metadata.get(
+        'scrolled'), f'{name} cell {i} has view state'
   assert 'widgets' not in nb.metadata, name
 
 
