@@ -37,8 +37,11 @@ def test_chunked_matches_naive(b, t, kh, group, hk, hv, chunk, variant, rate,
     if variant == 'linear':
       kw.update(feature_map='identity', normalize=False)
     naive, _, chunked = helpers.forms(variant)
-    ref, ref_final = naive(q, k, v, extra, **kw)
-    out, final = chunked(q, k, v, extra, chunk_size=chunk, **kw)
+    # Jitted: one compile per form and example instead of one per eager op.
+    static = ('chunk_size', 'feature_map', 'normalize')
+    ref, ref_final = jax.jit(naive, static_argnames=static)(q, k, v, extra, **kw)
+    out, final = jax.jit(chunked, static_argnames=static)(
+        q, k, v, extra, chunk_size=chunk, **kw)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(final, ref_final, rtol=1e-9, atol=1e-10)
 
@@ -51,8 +54,11 @@ def test_normalised_chunked_matches_naive(t, chunk, normalize, seed):
     rng = np.random.default_rng(seed)
     q, k = helpers.rand(rng, 1, t, 2, 4), helpers.rand(rng, 1, t, 2, 4)
     v = helpers.rand(rng, 1, t, 2, 3)
-    ref, ref_final = linear.naive_linear_attention(q, k, v, normalize=normalize)
-    out, final = linear.chunked_linear_attention(q, k, v, normalize=normalize,
-                                                 chunk_size=chunk)
+    ref, ref_final = jax.jit(linear.naive_linear_attention,
+                             static_argnames='normalize')(q, k, v,
+                                                          normalize=normalize)
+    out, final = jax.jit(linear.chunked_linear_attention,
+                         static_argnames=('chunk_size', 'normalize'))(
+                             q, k, v, normalize=normalize, chunk_size=chunk)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(final, ref_final, rtol=1e-9, atol=1e-10)
