@@ -48,7 +48,7 @@ class MetricsWriter:
     self._purge_step: int | None = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      _end_torn_line(self._path)
+      end_torn_line(self._path)
     if resume_step is not None:
       self.resume(resume_step)
 
@@ -89,8 +89,8 @@ class MetricsWriter:
     self._tb.clear()
 
 
-def _end_torn_line(path: str) -> None:
-  """Terminates a last line left unfinished by a killed writer."""
+def end_torn_line(path: str) -> None:
+  """Terminates a last line left unfinished by a killed writer (JSON lines files)."""
   if os.path.exists(path) and os.path.getsize(path):
     with open(path, 'rb+') as f:
       f.seek(-1, os.SEEK_END)

@@ -20,7 +20,6 @@ a progress line with ETA. Rerunning the same command continues an interrupted ru
 `experiments.recalibration.runner`.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -120,15 +119,10 @@ def config_from_flags() -> runner.RunConfig:
       massive_top_k=_MASSIVE_TOP_K.value, max_heads_per_run=_MAX_HEADS.value)
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-restore INFO chatter from the console (warnings stay)."""
-  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(common_flags.quiet_orbax)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
   try:

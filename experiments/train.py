@@ -11,7 +11,6 @@ is reported in one line and moved to `<workdir>/checkpoints_corrupt/<step>`). Th
 launch.slurm) around the same command.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -32,15 +31,10 @@ _WORKDIR = common_flags.WORKDIR  # checkpoints and metrics; resumed if present
 flags.mark_flags_as_required(['config'])
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-save INFO chatter from the console (warnings stay)."""
-  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(common_flags.quiet_orbax)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
   distributed.initialize()  # no-op unless launched as several processes

@@ -115,15 +115,6 @@ def read_results(path: str) -> dict[tuple[int, int], float]:
   return out
 
 
-def _end_torn_line(path: str) -> None:
-  """Terminates a last line left unfinished by a killed run (it is then skipped)."""
-  if os.path.exists(path) and os.path.getsize(path):
-    with open(path, 'rb+') as f:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b'\n':
-        f.write(b'\n')
-
-
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
   """Per-head calibrated accuracies and the kept heads.
@@ -172,7 +163,7 @@ def search(evaluate: Callable[[np.ndarray], float], *, baseline: float,
         f'{results_path} holds heads {stale[:4]} outside the searched layers '
         f'{list(layers)}: it belongs to another search; use another workdir.')
   pending = [lh for lh in todo if lh not in done]
-  _end_torn_line(results_path)
+  metrics_lib.end_torn_line(results_path)
   if done:
     logging.info('ACT head search: %d of %d heads already done (%s).',
                  len(done), len(todo), results_path)
