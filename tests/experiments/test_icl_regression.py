@@ -26,28 +26,9 @@ def _run_main(argv):
     icl_regression.main(['icl_regression'])
 
 
-def test_entry_point_tiny_main_run(tmp_path):
-  """Main run only (findings 1-4 outputs)."""
-  workdir = str(tmp_path / 'w')
-  _run_main([f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
-             '--eval_lengths=10,40,60', '--noniso=false', '--multitask=false',
-             '--seeds=0'])
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    summary = json.load(f)
-  assert summary['figures'] == [
-      'fig1_kq_heatmaps.png', 'fig1_2_trajectories.png', 'fig2_ov_vectors.png',
-      'fig3_pairing_dummy.png', 'fig4_error_vs_length.png']
-  for name in summary['figures']:
-    assert os.path.getsize(os.path.join(workdir, name)) > 5000, name
-  assert summary['timing']['runs']['main']['steps_run'] == 60
-  assert set(summary['error_vs_length']['mean']) == {
-      'softmax_H1', 'softmax_H2', 'reduced_H1', 'reduced_H2', 'linear_H1', 'gd',
-      'debiased_gd', 'single_head_best', 'ridge'}
-  assert 'noniso' not in summary and 'multitask' not in summary
-
-
 def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
-  """All runs (main + non-isotropic + multi-task), interrupted and resumed."""
+  """All runs (main + non-isotropic + multi-task), interrupted and resumed: every
+  figure (findings 1-4 of the main run, then the extensions) and error curve."""
   workdir = str(tmp_path / 'w')
   argv = [f'--workdir={workdir}', '--preset=tiny', '--n_test=64',
           '--eval_lengths=10,40,60', '--steps=40', '--noniso_steps=20',
@@ -60,15 +41,20 @@ def test_entry_point_tiny_run_with_interruption_and_resume(tmp_path, capsys):
     summary = json.load(f)
   assert summary['timing']['runs']['main']['resumed_from'] == 20
   assert summary['timing']['runs']['main']['steps_run'] == 20
+  assert summary['figures'] == [
+      'fig1_kq_heatmaps.png', 'fig1_2_trajectories.png', 'fig2_ov_vectors.png',
+      'fig3_pairing_dummy.png', 'fig4_error_vs_length.png', 'fig5_noniso.png',
+      'fig6_multitask.png']
   for name in summary['figures']:
     path = os.path.join(workdir, name)
     assert os.path.getsize(path) > 5000, name
-  assert len(summary['figures']) == 7
   assert [r['heads'] for r in summary['structure']] == [1, 2]
   errors = summary['error_vs_length']
   assert errors['lengths'] == [10, 40, 60]
-  for curve in ('softmax_H1', 'softmax_H2', 'reduced_H2', 'linear_H1', 'gd',
-                'debiased_gd', 'single_head_best', 'ridge'):
+  assert set(errors['mean']) == {
+      'softmax_H1', 'softmax_H2', 'reduced_H1', 'reduced_H2', 'linear_H1', 'gd',
+      'debiased_gd', 'single_head_best', 'ridge'}
+  for curve in errors['mean']:
     assert len(errors['mean'][curve]) == 3, curve
   # Ridge is Bayes-optimal: below every other predictor at every length.
   for k, v in errors['mean'].items():
@@ -156,6 +142,10 @@ def test_summary_keys_uniform_and_closing_list(tmp_path, capsys):
   assert 'resumed from step 20' in text, text
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
+  assert summary['timing']['runs']['main']['resumed_from'] == 20
+  assert summary['timing']['runs']['main']['steps_run'] == 20
+  assert 'noniso' not in summary and 'multitask' not in summary  # turned off
+  assert len(summary['figures']) == 5
   per_heads = summary['verdicts']['per_heads']
   assert set(per_heads) == {'2', '3'}
   assert len({tuple(sorted(v)) for v in per_heads.values()}) == 1, per_heads
