@@ -59,8 +59,23 @@ def rand(rng, *shape, dtype=np.float64):
   return jnp.asarray(rng.normal(size=shape), dtype)
 
 
-def forms(name, **kwargs):
-  """(naive, recurrent, chunked) callables f(q, k, v, extra, **kw) of a variant."""
+# Keyword arguments of the forms that are Python values (static under jit).
+STATIC_ARGNAMES = ('chunk_size', 'feature_map', 'normalize', 'causal')
+
+
+def forms(name, *, jit=False):
+  """(naive, recurrent, chunked) callables f(q, k, v, extra, **kw) of a variant.
+
+  With `jit`, each is `jax.jit`ted (`STATIC_ARGNAMES` static): one compile per form
+  and input shape instead of one per eager op, the way models call them.
+  """
+  fns = _forms(name)
+  if jit:
+    fns = tuple(jax.jit(f, static_argnames=STATIC_ARGNAMES) for f in fns)
+  return fns
+
+
+def _forms(name):
   if name == 'linear':
     fns = (linear.naive_linear_attention, linear.recurrent_linear_attention,
            linear.chunked_linear_attention)

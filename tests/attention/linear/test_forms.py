@@ -38,7 +38,7 @@ def test_naive_matches_numpy_definition(name):
   q, k, v, s0 = _inputs(rng)
   seg = jnp.asarray([[0] * 6 + [3] * 7, [1] * 2 + [0] * 4 + [1] * 7])
   extra, g = helpers.extra_for(name, rng, 2, 13, 4, 4)
-  naive, _, _ = helpers.forms(name)
+  naive, _, _ = helpers.forms(name, jit=True)
   out, final = naive(q, k, v, extra, **_kw(name, s0, seg))
   rep = lambda a: np.repeat(np.asarray(a), 2, axis=2)
   ref, ref_final = helpers.numpy_recurrence(
@@ -86,7 +86,7 @@ def test_float32_three_way(name):
   t = 37
   q, k, v, s0 = _inputs(rng, t=t, hk=8, hv=8)
   extra, _ = helpers.extra_for(name, rng, 2, t, 4, 8)
-  naive, recurrent, chunked = helpers.forms(name)
+  naive, recurrent, chunked = helpers.forms(name, jit=True)
   gold, gold_final = naive(q, k, v, extra, **_kw(name, s0, None))
   f32 = lambda a: None if a is None else a.astype(jnp.float32)
   args32 = (f32(q), f32(k), f32(v), f32(extra))
@@ -110,7 +110,7 @@ def test_chunked_prefill_then_decoding_equals_full_output(name):
   t, split = 23, 14
   q, k, v, _ = _inputs(rng, t=t)
   extra, _ = helpers.extra_for(name, rng, 2, t, 4, 4)
-  naive, recurrent, chunked = helpers.forms(name)
+  naive, recurrent, chunked = helpers.forms(name, jit=True)
   kw = _kw(name, None, None)
   full, full_final = naive(q, k, v, extra, **kw)
   cut = lambda a, s: a if a is None or a.ndim == 1 else a[:, s]
@@ -134,7 +134,7 @@ def test_segment_reset_is_exact(name, form):
   t = 19
   q, k, v, s0 = _inputs(rng, b=1, t=t)
   extra, _ = helpers.extra_for(name, rng, 1, t, 4, 4)
-  fn = helpers.forms(name)[form]
+  fn = helpers.forms(name, jit=True)[form]
   kw = dict(chunk_size=4) if form == 2 else {}
   seg = jnp.asarray([[2] * 7 + [5] * 12])
   out, final = fn(q, k, v, extra, **_kw(name, s0, seg), **kw)
@@ -181,7 +181,7 @@ def test_bfloat16_three_way(name):
   t = 45
   q, k, v, s0 = _inputs(rng, t=t, hk=8, hv=8)
   extra, _ = helpers.extra_for(name, rng, 2, t, 4, 8)
-  naive, recurrent, chunked = helpers.forms(name)
+  naive, recurrent, chunked = helpers.forms(name, jit=True)
   bf = lambda a: None if a is None else a.astype(jnp.bfloat16)
   # The golden form sees the same bf16-rounded inputs, in float64.
   q, k, v, s0 = (bf(a).astype(jnp.float64) for a in (q, k, v, s0))

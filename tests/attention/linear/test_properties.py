@@ -36,12 +36,9 @@ def test_chunked_matches_naive(b, t, kh, group, hk, hv, chunk, variant, rate,
     kw = dict(initial_state=s0)
     if variant == 'linear':
       kw.update(feature_map='identity', normalize=False)
-    naive, _, chunked = helpers.forms(variant)
-    # Jitted: one compile per form and example instead of one per eager op.
-    static = ('chunk_size', 'feature_map', 'normalize')
-    ref, ref_final = jax.jit(naive, static_argnames=static)(q, k, v, extra, **kw)
-    out, final = jax.jit(chunked, static_argnames=static)(
-        q, k, v, extra, chunk_size=chunk, **kw)
+    naive, _, chunked = helpers.forms(variant, jit=True)
+    ref, ref_final = naive(q, k, v, extra, **kw)
+    out, final = chunked(q, k, v, extra, chunk_size=chunk, **kw)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(final, ref_final, rtol=1e-9, atol=1e-10)
 
