@@ -1,5 +1,7 @@
 """InLine attention against a direct float64 implementation of the paper's equations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,11 +62,11 @@ def test_forms_match_numpy_definition(causal):
   rng = np.random.default_rng(0)
   q, k, v = _rand(rng, 2, 7, 2, 3), _rand(rng, 2, 7, 2, 3), _rand(rng, 2, 7, 2, 4)
   want = numpy_inline(q, k, v, causal=causal)
-  np.testing.assert_allclose(
-      inl.naive_inline_attention(q, k, v, causal=causal), want, atol=1e-12)
-  np.testing.assert_allclose(
-      inl.inline_attention(q, k, v, causal=causal, chunk_size=3), want,
-      atol=1e-12)
+  np.testing.assert_allclose(jax.jit(functools.partial(
+      inl.naive_inline_attention, causal=causal))(q, k, v), want, atol=1e-12)
+  np.testing.assert_allclose(jax.jit(functools.partial(
+      inl.inline_attention, causal=causal, chunk_size=3))(q, k, v), want,
+                             atol=1e-12)
 
 
 def test_weights_sum_to_one_and_feature_map_and_gqa():
@@ -87,11 +89,11 @@ def test_gradients_match_paper_form(causal):
   q, k, v = _rand(rng, 1, 5, 2, 3), _rand(rng, 1, 5, 2, 3), _rand(rng, 1, 5, 2, 2)
   w = _rand(rng, 1, 5, 2, 2)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
-  want = jax.grad(loss(lambda *a: jnp_paper_form(*a, causal=causal)),
-                  (0, 1, 2))(q, k, v)
+  want = jax.jit(jax.grad(loss(lambda *a: jnp_paper_form(*a, causal=causal)),
+                          (0, 1, 2)))(q, k, v)
   for fn in (inl.naive_inline_attention, inl.inline_attention):
-    got = jax.grad(loss(lambda *a, fn=fn: fn(*a, causal=causal)),
-                   (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda *a, fn=fn: fn(*a, causal=causal)),
+                           (0, 1, 2)))(q, k, v)
     for g, e in zip(got, want):
       np.testing.assert_allclose(g, e, atol=1e-11)
 
@@ -121,8 +123,8 @@ def test_local_term_matches_direct_conv_and_gradients():
   np.testing.assert_allclose(inl.inline_local_term(v, kern, grid),
                              numpy_local(v, kern, grid), atol=1e-12)
   w = _rand(rng, 2, 12, 2, 3)
-  f = lambda vv, kk: jnp.sum(inl.inline_local_term(vv, kk, grid) * w)
-  gv, gk = jax.grad(f, (0, 1))(v, kern)
+  f = jax.jit(lambda vv, kk: jnp.sum(inl.inline_local_term(vv, kk, grid) * w))
+  gv, gk = jax.jit(jax.grad(f, (0, 1)))(v, kern)
   # The map is bilinear: grads are the conv with w / the correlation of w and v.
   eps = 1e-6
   dv, dk = _rand(rng, *v.shape), _rand(rng, *kern.shape)
@@ -135,7 +137,7 @@ def test_layer_composes_pure_functions_and_trains():
   grid = (3, 3)
   layer = inl.InLineAttention(8, 2, 4, grid=grid, rngs=nnx.Rngs(0))
   x = _rand(np.random.default_rng(4), 2, 9, 8)
-  y = layer(x)
+  y = nnx.jit(lambda m, x: m(x))(layer, x)
   assert y.shape == (2, 9, 8)
   q, k, v = (jnp.einsum('btd,dnh->btnh', x, w[...]) for w in
              (layer.wq, layer.wk, layer.wv))
@@ -146,12 +148,13 @@ def test_layer_composes_pure_functions_and_trains():
   np.testing.assert_allclose(y, np.einsum('btnh,nhd->btd', o, layer.wo[...]),
                              atol=1e-10)
   graphdef, params = nnx.split(layer, nnx.Param)
-  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)))(
+      params)
   for leaf in jax.tree.leaves(grads):
     assert np.all(np.isfinite(leaf)) and np.any(leaf != 0)
   causal = inl.InLineAttention(8, 2, 4, causal=True, local=False,
                                rngs=nnx.Rngs(1))
-  assert causal(x).shape == (2, 9, 8)
+  assert nnx.jit(lambda m, x: m(x))(causal, x).shape == (2, 9, 8)
 
 
 def test_bad_inputs():

@@ -1,5 +1,7 @@
 """Feature maps, normalisation, decay parameters and input validation of the family."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +49,9 @@ def test_linear_attention_feature_maps_against_numpy(feature, normalize, causal)
   for fn, kw in ((linear.naive_linear_attention, {}),
                  (linear.recurrent_linear_attention, {}),
                  (linear.chunked_linear_attention, dict(chunk_size=4))):
-    out, state = fn(q, k, v, feature_map=fmap, normalize=normalize,
-                    causal=causal, scale=0.25, segment_ids=seg, **kw)
+    out, state = jax.jit(functools.partial(
+        fn, feature_map=fmap, normalize=normalize, causal=causal, scale=0.25,
+        **kw))(q, k, v, segment_ids=seg)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
     if not causal:
       assert state is None
@@ -201,12 +204,12 @@ def test_non_causal_cross_lengths_against_numpy(t, s, normalize):
   grads = []
   for fn in (linear.naive_linear_attention, linear.recurrent_linear_attention,
              linear.chunked_linear_attention, linear.linear_attention):
-    out, state = fn(q, k, v, causal=False, normalize=normalize, scale=0.3)
+    call = functools.partial(fn, causal=False, normalize=normalize, scale=0.3)
+    out, state = jax.jit(call)(q, k, v)
     assert state is None and out.shape == (b, t, n, hv)
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
-    grads.append(jax.grad(lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(
-        q, k, v, causal=False, normalize=normalize, scale=0.3)[0])),
-                          (0, 1, 2))(q, k, v))
+    grads.append(jax.jit(jax.grad(lambda q, k, v, call=call: jnp.sum(jnp.sin(
+        call(q, k, v)[0])), (0, 1, 2)))(q, k, v))
   for g in grads[1:]:
     for a, a0 in zip(g, grads[0]):
       np.testing.assert_allclose(a, a0, rtol=1e-9, atol=1e-11)
