@@ -53,8 +53,8 @@ def test_initial_state_is_the_prefix_and_final_state_its_sums():
   q, k, v = _qkv(0)
   full = numpy_inline(q, k, v, causal=True)
   p = 3
-  _, s1 = inl.naive_inline_attention(q[:, :p], k[:, :p], v[:, :p], causal=True,
-                                     return_state=True)
+  _, s1 = jax.jit(lambda *a: inl.naive_inline_attention(
+      *a, causal=True, return_state=True))(q[:, :p], k[:, :p], v[:, :p])
   for got, want in zip(s1, numpy_state(k[:, :p], v[:, :p])):
     np.testing.assert_allclose(got, want, atol=1e-12)
   for fn in (lambda *a, **kw: inl.naive_inline_attention(
@@ -62,7 +62,7 @@ def test_initial_state_is_the_prefix_and_final_state_its_sums():
              lambda *a, **kw: inl.inline_attention(
                  *a, causal=True, return_state=True, chunk_size=2, **kw),
              inl.recurrent_inline_attention):
-    out, s2 = fn(q[:, p:], k[:, p:], v[:, p:], initial_state=s1)
+    out, s2 = jax.jit(fn)(q[:, p:], k[:, p:], v[:, p:], initial_state=s1)
     np.testing.assert_allclose(out, full[:, p:], atol=1e-12)
     for got, want in zip(s2, numpy_state(k, v)):
       np.testing.assert_allclose(got, want, atol=1e-12)
@@ -90,19 +90,20 @@ def test_forms_agree_with_state_and_segments_forward_and_gradients():
       return jnp.sum(out * w) + sum(jnp.sum(a * b) for a, b in zip(fin, ws))
     return f
 
+  forms = {name: jax.jit(fn) for name, fn in forms.items()}
   want_out = forms['naive'](q, k, v, s=s0)
-  want_grad = jax.grad(loss(forms['naive']), (0, 1, 2, 3))(q, k, v, s0)
+  want_grad = jax.jit(jax.grad(loss(forms['naive']), (0, 1, 2, 3)))(q, k, v, s0)
   # Outputs, final states and gradients (q, k, v, every state field) agree.
   for name in ('chunked', 'recurrent'):
     got = forms[name](q, k, v, s=s0)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want_out)):
       np.testing.assert_allclose(a, e, atol=1e-12, err_msg=name)
-    grads = jax.grad(loss(forms[name]), (0, 1, 2, 3))(q, k, v, s0)
+    grads = jax.jit(jax.grad(loss(forms[name]), (0, 1, 2, 3)))(q, k, v, s0)
     for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grad)):
       np.testing.assert_allclose(a, e, atol=1e-10, err_msg=name)
   # The gradient w.r.t. the initial state is a real one (finite differences).
   d = jax.tree.map(lambda a: _rand(rng, *a.shape), s0)
-  f = lambda s: loss(forms['naive'])(q, k, v, s)
+  f = jax.jit(lambda s: loss(forms['naive'])(q, k, v, s))
   eps = 1e-6
   fd = (f(jax.tree.map(lambda a, b: a + eps * b, s0, d)) -
         f(jax.tree.map(lambda a, b: a - eps * b, s0, d))) / (2 * eps)
@@ -116,7 +117,7 @@ def test_segments_equal_running_each_segment_alone():
   for fn in (lambda *a: inl.inline_attention(*a, causal=True, segment_ids=SEG,
                                              return_state=True, chunk_size=2),
              lambda *a: inl.recurrent_inline_attention(*a, segment_ids=SEG)):
-    out, fin = fn(q, k, v)
+    out, fin = jax.jit(fn)(q, k, v)
     for lo, hi in bounds:
       np.testing.assert_allclose(
           out[:1, lo:hi], numpy_inline(q[:1, lo:hi], k[:1, lo:hi], v[:1, lo:hi],
@@ -147,20 +148,23 @@ def test_layer_decode_mode():
   layer = inl.InLineAttention(8, 2, 4, causal=True, local=False,
                               rngs=nnx.Rngs(0))
   x = _rand(np.random.default_rng(6), 2, 6, 8)
-  want = layer(x)
-  y, state = layer(x[:, :4], return_state=True)
+  call = nnx.jit(lambda m, x: m(x))
+  want = call(layer, x)
+  y, state = nnx.jit(lambda m, x: m(x, return_state=True))(layer, x[:, :4])
   ys = [y]
+  step = nnx.jit(lambda m, x, s: m(x, initial_state=s, mode='recurrent',
+                                   return_state=True))
   for t in (4, 5):
-    y, state = layer(x[:, t:t + 1], initial_state=state, mode='recurrent',
-                     return_state=True)
+    y, state = step(layer, x[:, t:t + 1], state)
     ys.append(y)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), want, atol=1e-12)
   seg = jnp.asarray([[0, 0, 1, 1, 1, 1]] * 2)
-  packed = layer(x, segment_ids=seg, mode='recurrent')
-  np.testing.assert_allclose(packed[:, 2:], layer(x[:, 2:]), atol=1e-12)
+  packed = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg, mode='recurrent'))(
+      layer, x, seg)
+  np.testing.assert_allclose(packed[:, 2:], call(layer, x[:, 2:]), atol=1e-12)
   graphdef, params = nnx.split(layer, nnx.Param)
-  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
-      x, segment_ids=seg) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
+      x, segment_ids=seg) ** 2)))(params)
   assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
 
 

@@ -28,7 +28,8 @@ def test_layer_matches_naive_form_and_decodes(name):
   with jax.enable_x64(True):
     layer = _layers()[name]
     x = helpers.rand(np.random.default_rng(0), 2, 11, 8)
-    y, state = layer(x, chunk_size=4, return_state=True)
+    y, state = nnx.jit(lambda m, x: m(x, chunk_size=4, return_state=True))(
+        layer, x)
     proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(x.dtype))
     q, k, v = proj(layer.wq), proj(layer.wk), proj(layer.wv)
     if name == 'linear':
@@ -48,11 +49,12 @@ def test_layer_matches_naive_form_and_decodes(name):
     np.testing.assert_allclose(state, ref_state, rtol=1e-6, atol=1e-7)
     # Prefill 7 tokens, then decode the rest one at a time.
     ys, st = [], None
-    y0, st = layer(x[:, :7], return_state=True)
+    y0, st = nnx.jit(lambda m, x: m(x, return_state=True))(layer, x[:, :7])
     ys.append(y0)
+    step = nnx.jit(lambda m, x, st: m(x, initial_state=st, mode='recurrent',
+                                      return_state=True))
     for i in range(7, 11):
-      yi, st = layer(x[:, i:i + 1], initial_state=st, mode='recurrent',
-                     return_state=True)
+      yi, st = step(layer, x[:, i:i + 1], st)
       ys.append(yi)
     np.testing.assert_allclose(jnp.concatenate(ys, 1), y, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(st, state, rtol=1e-6, atol=1e-7)
@@ -61,7 +63,7 @@ def test_layer_matches_naive_form_and_decodes(name):
 def test_layer_gradients_flow_to_every_parameter_and_bad_arguments():
   layer = linear.GatedLinearAttention(8, 2, 4, rngs=nnx.Rngs(params=0))
   x = jnp.ones((1, 5, 8)) * jnp.arange(8.0) / 8
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(layer)
   for leaf in jax.tree.leaves(grads):
     assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.abs(leaf).sum()) > 0
   with pytest.raises(ValueError, match='mode must be one of'):
