@@ -90,7 +90,7 @@ def test_initial_state_is_the_prefix():
   for fn in (lambda *a, **kw: fl.flow_attention(
                  *a, causal=True, return_state=True, chunk_size=2, **kw),
              fl.recurrent_flow_attention):
-    out, s2 = fn(q[:, p:], k[:, p:], v[:, p:], initial_state=s1)
+    out, s2 = jax.jit(fn)(q[:, p:], k[:, p:], v[:, p:], initial_state=s1)
     np.testing.assert_allclose(out, full[:, p:], atol=1e-12)
     for got, want in zip(s2, s_all):
       np.testing.assert_allclose(got, want, atol=1e-12)
@@ -108,6 +108,7 @@ def test_forms_agree_with_state_and_segments_forward_and_gradients():
           *a, causal=True, return_state=True, chunk_size=3, **kw),
       'recurrent': fl.recurrent_flow_attention,
   }
+  forms = {name: jax.jit(fn) for name, fn in forms.items()}
   for fn in forms.values():
     np.testing.assert_allclose(fn(q, k, v, initial_state=s0)[0], want,
                                atol=1e-12)
@@ -124,13 +125,13 @@ def test_forms_agree_with_state_and_segments_forward_and_gradients():
   # First segment of row 0 from the state; row 1 (one segment) likewise.
   np.testing.assert_allclose(outs[0][0][:, :3], want[:, :3], atol=1e-12)
   np.testing.assert_allclose(outs[0][0][1], want[1], atol=1e-12)
-  g1, g2 = (jax.grad(loss(fn), (0, 1, 2, 3))(q, k, v, s0)
+  g1, g2 = (jax.jit(jax.grad(loss(fn), (0, 1, 2, 3)))(q, k, v, s0)
             for fn in forms.values())
   for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, e, atol=1e-10)
   # The gradient w.r.t. the initial state is a real one (finite differences).
   d = jax.tree.map(lambda a: _rand(rng, *a.shape) * 0.1, s0)
-  f = lambda s: loss(forms['chunked'])(q, k, v, s)
+  f = jax.jit(lambda s: loss(forms['chunked'])(q, k, v, s))
   eps = 1e-6
   fd = (f(jax.tree.map(lambda a, b: a + eps * b, s0, d)) -
         f(jax.tree.map(lambda a, b: a - eps * b, s0, d))) / (2 * eps)
@@ -143,7 +144,7 @@ def test_segments_equal_running_each_segment_alone():
   for fn in (lambda *a: fl.flow_attention(*a, causal=True, segment_ids=SEG,
                                           return_state=True, chunk_size=2),
              lambda *a: fl.recurrent_flow_attention(*a, segment_ids=SEG)):
-    out, fin = fn(q, k, v)
+    out, fin = jax.jit(fn)(q, k, v)
     for lo, hi in [(0, 3), (3, 5), (5, 7)]:
       np.testing.assert_allclose(
           out[:1, lo:hi], numpy_flow(q[:1, lo:hi], k[:1, lo:hi], v[:1, lo:hi],
@@ -174,20 +175,23 @@ def test_chunked_prefill_then_token_by_token_decoding():
 def test_layer_decode_mode():
   layer = fl.FlowAttention(8, 2, 4, causal=True, rngs=nnx.Rngs(0))
   x = _rand(np.random.default_rng(6), 2, 6, 8)
-  want = layer(x)
-  y, state = layer(x[:, :4], return_state=True)
+  call = nnx.jit(lambda m, x: m(x))
+  want = call(layer, x)
+  y, state = nnx.jit(lambda m, x: m(x, return_state=True))(layer, x[:, :4])
   ys = [y]
+  step = nnx.jit(lambda m, x, s: m(x, initial_state=s, mode='recurrent',
+                                   return_state=True))
   for t in (4, 5):
-    y, state = layer(x[:, t:t + 1], initial_state=state, mode='recurrent',
-                     return_state=True)
+    y, state = step(layer, x[:, t:t + 1], state)
     ys.append(y)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), want, atol=1e-12)
   seg = jnp.asarray([[0, 0, 1, 1, 1, 1]] * 2)
-  packed = layer(x, segment_ids=seg, mode='recurrent')
-  np.testing.assert_allclose(packed[:, 2:], layer(x[:, 2:]), atol=1e-12)
+  packed = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg, mode='recurrent'))(
+      layer, x, seg)
+  np.testing.assert_allclose(packed[:, 2:], call(layer, x[:, 2:]), atol=1e-12)
   graphdef, params = nnx.split(layer, nnx.Param)
-  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
-      x, segment_ids=seg) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
+      x, segment_ids=seg) ** 2)))(params)
   assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
 
 
