@@ -1,5 +1,7 @@
 """LightNet: the additive recurrence, MD-LRPE and MD-TPE against direct float64 loops."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,13 +62,16 @@ def test_forms_match_additive_recurrence(causal, grid):
   q, k, v = _rand(rng, 2, 6, 2, 4), _rand(rng, 2, 6, 1, 4), _rand(rng, 2, 6, 1, 3)
   want = numpy_lightnet(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2),
                         causal=causal, grid=grid)
-  np.testing.assert_allclose(lightnet.naive_lightnet_attention(
-      q, k, v, causal=causal, lrpe_grid=grid), want, atol=1e-12)
-  got, _ = lightnet.lightnet_attention(q, k, v, causal=causal, lrpe_grid=grid,
-                                       chunk_size=4)
+  np.testing.assert_allclose(jax.jit(functools.partial(
+      lightnet.naive_lightnet_attention, causal=causal, lrpe_grid=grid))(q, k, v),
+                             want, atol=1e-12)
+  got, _ = jax.jit(functools.partial(
+      lightnet.lightnet_attention, causal=causal, lrpe_grid=grid,
+      chunk_size=4))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-12)
   if causal:
-    rec, _ = lightnet.recurrent_lightnet_attention(q, k, v, lrpe_grid=grid)
+    rec, _ = jax.jit(functools.partial(lightnet.recurrent_lightnet_attention,
+                                       lrpe_grid=grid))(q, k, v)
     np.testing.assert_allclose(rec, want, atol=1e-12)
 
 
@@ -89,26 +94,26 @@ def test_state_carry_equals_full_sequence_and_gradients(lrpe):
   rng = np.random.default_rng(2)
   q, k, v = _rand(rng, 1, 9, 2, 4), 3 * _rand(rng, 1, 9, 2, 4), _rand(rng, 1, 9, 2, 2)
   grid = (9,) if lrpe else None
-  full, (s_full, z_full) = lightnet.lightnet_attention(q, k, v, lrpe_grid=grid,
-                                                       chunk_size=4)
+  chunked = jax.jit(lightnet.lightnet_attention,
+                    static_argnames=('lrpe_grid', 'lrpe_offset', 'chunk_size'))
+  full, (s_full, z_full) = chunked(q, k, v, lrpe_grid=grid, chunk_size=4)
   g1 = (5,) if lrpe else None
   g2 = (4,) if lrpe else None
-  a, state = lightnet.lightnet_attention(q[:, :5], k[:, :5], v[:, :5],
-                                         lrpe_grid=g1, chunk_size=2)
-  b1, (s1, z1) = lightnet.lightnet_attention(
-      q[:, 5:], k[:, 5:], v[:, 5:], lrpe_grid=g2, lrpe_offset=5,
-      initial_state=state, chunk_size=3)
-  b2, _ = lightnet.recurrent_lightnet_attention(
-      q[:, 5:], k[:, 5:], v[:, 5:], lrpe_grid=g2, lrpe_offset=5,
-      initial_state=state)
+  a, state = chunked(q[:, :5], k[:, :5], v[:, :5], lrpe_grid=g1, chunk_size=2)
+  b1, (s1, z1) = chunked(q[:, 5:], k[:, 5:], v[:, 5:], lrpe_grid=g2,
+                         lrpe_offset=5, initial_state=state, chunk_size=3)
+  b2, _ = jax.jit(lightnet.recurrent_lightnet_attention,
+                  static_argnames=('lrpe_grid', 'lrpe_offset'))(
+                      q[:, 5:], k[:, 5:], v[:, 5:], lrpe_grid=g2, lrpe_offset=5,
+                      initial_state=state)
   np.testing.assert_allclose(jnp.concatenate([a, b1], 1), full, atol=1e-12)
   np.testing.assert_allclose(b2, full[:, 5:], atol=1e-12)
   np.testing.assert_allclose(s1, s_full, atol=1e-12)
   np.testing.assert_allclose(z1, z_full, atol=1e-12)
   w = _rand(rng, *full.shape)
   loss = lambda fn: lambda *x: jnp.sum(fn(*x) * w)
-  want = jax.grad(loss(lambda *x: lightnet.naive_lightnet_attention(
-      *x, lrpe_grid=grid)), (0, 1, 2))(q, k, v)
+  want = jax.jit(jax.grad(loss(lambda *x: lightnet.naive_lightnet_attention(
+      *x, lrpe_grid=grid)), (0, 1, 2)))(q, k, v)
   for fn in (lambda *x: lightnet.lightnet_attention(*x, lrpe_grid=grid,
                                                     chunk_size=4)[0],
              lambda *x: lightnet.recurrent_lightnet_attention(
@@ -174,7 +179,7 @@ def test_layers():
   for causal, grid in ((True, None), (False, (2, 3))):
     layer = lightnet.LightNetAttention(8, 2, 4, causal=causal, grid=grid,
                                        rngs=nnx.Rngs(0))
-    y = layer(x)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
     q = jax.nn.silu(jnp.einsum('btd,dnh->btnh', x, layer.wq[...]))
     k, v = (jnp.einsum('btd,dnh->btnh', x, w[...]) for w in (layer.wk, layer.wv))
     o = numpy_lightnet(q, k, v, causal=causal, grid=grid or (6,))
