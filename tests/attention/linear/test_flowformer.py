@@ -95,13 +95,14 @@ def test_matches_direct_equations_forward_and_gradients(causal):
   want = numpy_flow(q, k, v, causal=causal)
   np.testing.assert_allclose(jnp_quadratic_flow(q, k, v, causal=causal), want,
                              atol=1e-12)
-  got = flowformer.flow_attention(q, k, v, causal=causal, chunk_size=4)
+  got = jax.jit(lambda *a: flowformer.flow_attention(
+      *a, causal=causal, chunk_size=4))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-12)
   w = _rand(rng, *got.shape)
-  g1 = jax.grad(lambda *a: jnp.sum(flowformer.flow_attention(
-      *a, causal=causal, chunk_size=4) * w), (0, 1, 2))(q, k, v)
-  g2 = jax.grad(lambda *a: jnp.sum(jnp_quadratic_flow(
-      *a, causal=causal) * w), (0, 1, 2))(q, k, v)
+  g1 = jax.jit(jax.grad(lambda *a: jnp.sum(flowformer.flow_attention(
+      *a, causal=causal, chunk_size=4) * w), (0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(lambda *a: jnp.sum(jnp_quadratic_flow(
+      *a, causal=causal) * w), (0, 1, 2)))(q, k, v)
   for a, e in zip(g1, g2):
     np.testing.assert_allclose(a, e, atol=1e-11)
 
@@ -129,10 +130,12 @@ def test_layer_and_bad_inputs():
     q, k, v = (jnp.einsum('btd,dnh->btnh', x, w[...]) for w in
                (layer.wq, layer.wk, layer.wv))
     np.testing.assert_allclose(
-        layer(x), np.einsum('btnh,nhd->btd', numpy_flow(q, k, v, causal=causal),
-                            layer.wo[...]), atol=1e-10)
+        nnx.jit(lambda m, x: m(x))(layer, x),
+        np.einsum('btnh,nhd->btd', numpy_flow(q, k, v, causal=causal),
+                  layer.wo[...]), atol=1e-10)
     graphdef, params = nnx.split(layer, nnx.Param)
-    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)))(
+        params)
     assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
   q = x.reshape(2, 7, 2, 4)
   with pytest.raises(ValueError, match='key length'):
