@@ -363,7 +363,8 @@ def test_table_gradients_match_dense_bias(name):
       return jnp.sum(out * w)
 
     got = jax.jit(jax.value_and_grad(loss_mod, argnums=(0, 1, 2, 3)))(tab, q, k, v)
-    want = jax.value_and_grad(loss_dense, argnums=(0, 1, 2, 3))(tab, q, k, v)
+    want = jax.jit(jax.value_and_grad(loss_dense, argnums=(0, 1, 2, 3)))(
+        tab, q, k, v)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     for g, wg in zip(got[1], want[1]):
       np.testing.assert_allclose(g, wg, rtol=1e-10, atol=1e-12)
