@@ -81,18 +81,19 @@ def _env(cache_dir):
 
 
 # Runs the real `experiments.train.main` once per argv in one process (so JAX and
-# TensorFlow are imported once), under tfds.testing.mock_data when asked to.
+# TensorFlow are imported once); from the first run marked mock on, under
+# tfds.testing.mock_data.
 _MULTI_MAIN = """
 import json, sys
 from absl import flags, logging
 from experiments import train
 logging.use_absl_handler()
-runs, mock = json.loads(sys.argv[1]), sys.argv[2] == 'mock'
-if mock:
-  import tensorflow_datasets as tfds
-  mock_context = tfds.testing.mock_data(num_examples=64)
-  mock_context.__enter__()  # Kept referenced: active for the whole process.
-for argv in runs:
+runs, mock_context = json.loads(sys.argv[1]), None
+for argv, mock in runs:
+  if mock and mock_context is None:
+    import tensorflow_datasets as tfds
+    mock_context = tfds.testing.mock_data(num_examples=64)
+    mock_context.__enter__()  # Kept referenced: active for the rest.
   for name in [n for n in flags.FLAGS if n.startswith('config.')]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
@@ -113,14 +114,15 @@ def _binary(config_arg, workdir, overrides, cache_dir):
                           text=True)
 
 
-def _main_runs(runs, cache_dir, mock_tfds):
-  """Runs `experiments.train.main` for each (config, workdir, overrides)."""
-  argvs = [['train', f'--config={c}', f'--workdir={w}', '--logtostderr'] +
-           _flags(o)
-           for c, w, o in runs]
+def _main_runs(runs, cache_dir):
+  """Runs `experiments.train.main` for each (config, workdir, overrides, mock tfds)
+  in one process; the mocked runs must come last."""
+  argvs = [(['train', f'--config={c}', f'--workdir={w}', '--logtostderr'] +
+            _flags(o), mock)
+           for c, w, o, mock in runs]
   out = subprocess.run(
-      [sys.executable, '-c', _MULTI_MAIN, json.dumps(argvs),
-       'mock' if mock_tfds else 'offline'], cwd=ROOT, env=_env(cache_dir),
+      [sys.executable, '-c', _MULTI_MAIN, json.dumps(argvs)], cwd=ROOT,
+      env=_env(cache_dir),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-4000:]
   return out.stdout
@@ -155,13 +157,13 @@ def test_binary_trains_on_offline_defaults_and_mock_tfds(tmp_path, jax_cache):
              {'data.name': 'tiny_shakespeare', 'data.batch_size': 8}),
             ('mnist', f'{VIT}:tiny', {'data.name': 'mnist',
                                       'data.batch_size': 8})]
-  done = []
-  for runs, mock in ((offline, False), (mocked, True)):
-    if mock and not _tfds_available():
-      continue
-    out = _main_runs([(c, str(tmp_path / n), {**SMOKE, **o})
-                      for n, c, o in runs], jax_cache, mock)
-    done += [(n, str(tmp_path / n), out) for n, _, _ in runs]
+  runs = [(n, c, o, False) for n, c, o in offline]
+  if _tfds_available():
+    runs += [(n, c, o, True) for n, c, o in mocked]
+  # One process for all runs: JAX and TensorFlow are imported once.
+  out = _main_runs([(c, str(tmp_path / n), {**SMOKE, **o}, mock)
+                    for n, c, o, mock in runs], jax_cache)
+  done = [(n, str(tmp_path / n), out) for n, _, _, _ in runs]
   for name, workdir, out in done:
     train_rows, eval_rows = _rows(workdir), _rows(workdir, 'eval')
     assert sorted(train_rows) == [1, 2], name
