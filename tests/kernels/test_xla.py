@@ -191,7 +191,7 @@ def _grads(impl, q, k, v, bias, sinks, **kwargs):
     lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(out * jnp.cos(out)) + 0.3 * jnp.sum(lse_term * lse_term)
 
-  return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, bias, sinks)
 
 
 _GRAD_CASES = {
@@ -256,8 +256,8 @@ def test_fully_masked_rows_zero_output_and_grads():
                         block_kv=8)
     return jnp.sum(out), out
 
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-      q, k, v)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
+                                               has_aux=True))(q, k, v)
   _, lse = _xla(q, k, v, scale=0.3, mask_obj=mask_obj, block_q=8,
                          block_kv=8, return_residuals=True)
   for g in grads:
@@ -283,12 +283,12 @@ def test_bfloat16_close_to_float32_reference():
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
                              atol=3e-2)
-  grad = jax.grad(lambda q: jnp.sum(_xla(
+  grad = jax.jit(jax.grad(lambda q: jnp.sum(_xla(
       q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), scale=0.25,
-      mask_obj=mask_obj, block_q=16, block_kv=32).astype(jnp.float32)))(
+      mask_obj=mask_obj, block_q=16, block_kv=32).astype(jnp.float32))))(
           q.astype(jnp.bfloat16))
-  want_grad = jax.grad(lambda q: jnp.sum(_ref(
-      q, k, v, scale=0.25, mask_obj=mask_obj)))(q)
+  want_grad = jax.jit(jax.grad(lambda q: jnp.sum(_ref(
+      q, k, v, scale=0.25, mask_obj=mask_obj))))(q)
   assert grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad),
                              atol=6e-2)
