@@ -115,8 +115,8 @@ def test_step_forms_gradients_match_reference(fused):
         fused=fused))
     ref = loss(lambda q, k, v, sinks: test_xla._ref(
         q, k, v, scale=0.4, mask_obj=mask_obj, sinks=sinks))
-    got = jax.grad(ours, argnums=(0, 1, 2, 3))(q, k, v, sinks)
-    want = jax.grad(ref, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+    want = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-9, rtol=1e-9)
 
