@@ -60,8 +60,8 @@ def _loss(fn, argnums, q, k, v, bias, sinks, params, kwargs, mod_fn=None):
     lse_t = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(out * jnp.cos(out)) + 0.3 * jnp.sum(lse_t * lse_t), (out, lse)
 
-  (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
-      q, k, v, bias, sinks, params)
+  (_, (out, lse)), grads = jax.jit(jax.value_and_grad(
+      loss, argnums=argnums, has_aux=True))(q, k, v, bias, sinks, params)
   return out, lse, grads
 
 
@@ -201,7 +201,8 @@ def test_nothing_listed_gives_zeros_and_zero_grads():
                                                implementation='xla')
     return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
 
-  (_, (out, lse)), grads = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(q, k, v)
+  (_, (out, lse)), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(
+      q, k, v)
   assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
   for g in grads:
     assert np.all(np.asarray(g) == 0)
