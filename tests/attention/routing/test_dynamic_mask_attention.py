@@ -96,10 +96,10 @@ def test_attention_and_parameter_gradients_equal_the_dense_reference():
     p = jax.nn.softmax(jnp.where(frozen, z, -jnp.inf), axis=-1)
     return jnp.einsum('bnts,bsnh->btnh', p, vr)
 
-  got = jax.grad(lambda *x: jnp.sum(run(*x) * dout), argnums=range(5))(
-      q, k, v, w_d, a)
-  ref = jax.grad(lambda *x: jnp.sum(dense(*x) * dout), argnums=range(5))(
-      q, k, v, w_d, a)
+  got = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x) * dout),
+                         argnums=tuple(range(5))))(q, k, v, w_d, a)
+  ref = jax.jit(jax.grad(lambda *x: jnp.sum(dense(*x) * dout),
+                         argnums=tuple(range(5))))(q, k, v, w_d, a)
   for g, r, name in zip(got, ref, ('q', 'k', 'v', 'w_d', 'a')):
     np.testing.assert_allclose(g, r, atol=1e-10, err_msg=name)
   assert np.all(np.abs(got[3]) > 0) and np.all(np.abs(got[4]) > 0)  # W_D, A learn
