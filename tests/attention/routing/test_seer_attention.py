@@ -211,7 +211,8 @@ def test_distill_layer_returns_its_gate_loss_which_trains_only_the_gate():
   np.testing.assert_allclose(aux['seer_gate_kl'], 10.0 * layer.gate_loss(x),
                              rtol=1e-5)
   graphdef, params = nnx.split(layer)
-  grads = jax.grad(lambda p: nnx.merge(graphdef, p)(x)[1]['seer_gate_kl'])(params)
+  grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(x)[1]['seer_gate_kl']))(
+      params)
   assert np.any(np.asarray(grads['gate']['wk'][...]))
   assert not np.any(np.asarray(grads['wq'][...]))  # the target is detached
   with pytest.raises(ValueError, match='distill_weight'):
