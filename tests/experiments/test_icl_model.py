@@ -239,12 +239,13 @@ def test_linear_forward_equals_the_old_formula(normalize, masked):
   ctx = jnp.asarray(rng.standard_normal((5, 23, 7)), jnp.float32)
   q = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
   mask = (jnp.asarray(rng.uniform(size=(5, 23)) < 0.7) if masked else None)
-  got = model.linear_forward(params, ctx, q, heads, mask=mask, normalize=normalize)
-  want = _old_linear_forward(params, ctx, q, heads, mask=mask, normalize=normalize)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  g_new = jax.grad(lambda p: jnp.sum(model.linear_forward(
-      p, ctx, q, heads, mask=mask, normalize=normalize) ** 2))(params)
-  g_old = jax.grad(lambda p: jnp.sum(_old_linear_forward(
-      p, ctx, q, heads, mask=mask, normalize=normalize) ** 2))(params)
+  new = lambda p: model.linear_forward(p, ctx, q, heads, mask=mask,
+                                       normalize=normalize)
+  old = lambda p: _old_linear_forward(p, ctx, q, heads, mask=mask,
+                                      normalize=normalize)
+  np.testing.assert_allclose(jax.jit(new)(params), jax.jit(old)(params),
+                             rtol=1e-5, atol=1e-6)
+  g_new = jax.jit(jax.grad(lambda p: jnp.sum(new(p) ** 2)))(params)
+  g_old = jax.jit(jax.grad(lambda p: jnp.sum(old(p) ** 2)))(params)
   for name in params:
     np.testing.assert_allclose(g_new[name], g_old[name], rtol=1e-4, atol=1e-5)
