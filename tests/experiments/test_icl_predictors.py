@@ -26,11 +26,11 @@ def test_ridge_matches_lstsq_and_mask_truncates(l, d, lam, keep):
   keep = min(keep, l)
   x, y, xq = _problem(l * 10 + d, 2, l, d)
   with jax.enable_x64(True):
-    got = predictors.ridge(jnp.asarray(x), jnp.asarray(y), jnp.asarray(xq),
-                           lam, 1.0)
+    ridge = jax.jit(predictors.ridge)  # one compile per shape, not per op
+    got = ridge(jnp.asarray(x), jnp.asarray(y), jnp.asarray(xq), lam, 1.0)
     mask = jnp.broadcast_to(jnp.arange(l) < keep, (2, l))
-    got_masked = predictors.ridge(jnp.asarray(x), jnp.asarray(y),
-                                  jnp.asarray(xq), lam, 1.0, mask)
+    got_masked = ridge(jnp.asarray(x), jnp.asarray(y), jnp.asarray(xq), lam, 1.0,
+                       mask)
   for i in range(2):
     for n, out in ((l, got), (keep, got_masked)):
       # Ridge = least squares on the augmented system [X; sqrt(lam) I] b = [y; 0].
