@@ -279,8 +279,8 @@ def test_gradients_reach_routers_and_load_balance_only_w_r():
     assert float(jnp.max(jnp.abs(g_task[name][...]))) > 0, name
   # L_b depends on the routers only through p = softmax(W_r x).
   w = (params['w_r'][...], params['w_s'][...], params['w_h'][...])
-  g_bal = jax.grad(lambda w: moh.moh_gates(x, *w, num_shared_heads=2,
-                                           top_k=2).load_balance)(w)
+  g_bal = jax.jit(jax.grad(lambda w: moh.moh_gates(x, *w, num_shared_heads=2,
+                                                   top_k=2).load_balance))(w)
   assert float(jnp.max(jnp.abs(g_bal[0]))) > 0
   assert float(jnp.max(jnp.abs(g_bal[1]))) == float(jnp.max(jnp.abs(g_bal[2]))) == 0
   # L_b's gradient w.r.t. the router logits is E^2 / E * f_i / N_tok through P.
@@ -296,7 +296,7 @@ def test_gradients_reach_routers_and_load_balance_only_w_r():
     dp = 4 * f / 6  # dL/dp_ti = E^2 / E * f_i / T
     pn = np.asarray(p)
     want = pn * (dp - np.sum(pn * dp, -1, keepdims=True))  # softmax vjp
-    np.testing.assert_allclose(jax.grad(lb)(logits), want, rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(jax.grad(lb))(logits), want, rtol=1e-10)
 
 
 # ----- bad input ---------------------------------------------------------------------------
