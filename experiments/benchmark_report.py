@@ -114,9 +114,8 @@ def _is_time(key: str) -> bool:
 def _is_ratio(key: str) -> bool:
   if 'err' in key or key.startswith('target'):
     return False
-  return (any(w in key for w in ('ratio', 'speedup', '_over_', '_vs_',
-                                 'relative_to', 'vs_')) or
-          key.startswith('vs_'))
+  return any(w in key for w in ('ratio', 'speedup', '_over_', 'vs_',
+                                'relative_to'))
 
 
 def _is_flag(key: str) -> bool:
