@@ -126,13 +126,16 @@ def map_query_blocks(fn: Callable[..., Any], block: int, length: int,
   return jax.lax.map(lambda x: fn(rows(x[0]), *x[1:]), (starts, *xs))
 
 
-def block_logits(q_block: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-  """scale q k^T for a block of queries: [B, bq, N, H] x [B, S, K, H] -> [B, N, bq, S]."""
-  b, bq, n, h = q_block.shape
+def scaled_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+  """scale q k^T of all queries or a block: [B, T, N, H] x [B, S, K, H] -> [B, N, T, S].
+
+  GQA: query head n reads kv head n // (N // K).
+  """
+  b, t, n, h = q.shape
   kh = k.shape[2]
-  qg = q_block.reshape(b, bq, kh, n // kh, h)  # [B, bq, K, G, H]
-  z = jnp.einsum('btkgh,bskh->bkgts', qg, k, precision=_PRECISION)  # [B, K, G, bq, S]
-  return z.reshape(b, n, bq, k.shape[1]) * jnp.asarray(scale, z.dtype)
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  z = jnp.einsum('btkgh,bskh->bkgts', qg, k, precision=_PRECISION)  # [B, K, G, T, S]
+  return z.reshape(b, n, t, k.shape[1]) * jnp.asarray(scale, z.dtype)
 
 
 def column_sums(q: jax.Array, k: jax.Array, lse: jax.Array, mod: problem_lib.ScoreMod,
@@ -157,7 +160,7 @@ def column_sums(q: jax.Array, k: jax.Array, lse: jax.Array, mod: problem_lib.Sco
 
   def fn(rows, q_blk, lse_blk, real):
     qi = rows[None, None, :, None]
-    z = mod(block_logits(q_blk, k, site.scale), bi, hi, qi, kv)  # [B, N, bq, S]
+    z = mod(scaled_logits(q_blk, k, site.scale), bi, hi, qi, kv)  # [B, N, bq, S]
     p = jnp.exp(z - lse_blk[..., None])  # [B, N, bq, S]; padding rows: lse = +inf
     vis = visible_at(arrays, site.window, bi, qi, kv) & real[None, None, :, None]
     return p.sum(2), vis.sum(2, dtype=jnp.int32)  # [B, N, S], [B, 1, S]

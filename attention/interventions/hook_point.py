@@ -38,13 +38,7 @@ _METHODS = ('auto', 'dense', 'blocked')
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
-def dense_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-  """scale q k^T: [B, T, N, H] x [B, S, K, H] -> [B, N, T, S] (GQA: n // (N // K))."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-  z = jnp.einsum('btkgh,bskh->bkgts', qg, k, precision=_PRECISION)  # [B, K, G, T, S]
-  return z.reshape(b, n, t, k.shape[1]) * jnp.asarray(scale, z.dtype)
+dense_logits = blocked_lib.scaled_logits  # scale q k^T [B, N, T, S], the one copy
 
 
 def masked_softmax(logits: jax.Array) -> jax.Array:
