@@ -18,11 +18,13 @@ falling back to the next. When none is usable, nothing is moved and one
 
 from __future__ import annotations
 
+import gc
 import logging as std_logging
 import os
 import shutil
 import sys
 from typing import Any, Callable
+import warnings
 
 from absl import logging
 import jax
@@ -139,11 +141,14 @@ def _move_aside(directory: str, step: int, corrupt_dir: str) -> str:
 class _quiet_async_errors:  # pylint: disable=invalid-name
   """Silences the asyncio noise a failed orbax restore leaves behind.
 
-  A tensorstore read that fails cancels its sibling reads; their futures are
-  reported by asyncio ('Future exception was never retrieved', one multi-kilobyte
-  message each) and callbacks arriving after orbax closed its event loop raise
-  'Event loop is closed' in unraisable-exception hooks. The real cause is the
-  exception of the restore itself, which the caller reports.
+  A tensorstore read that fails cancels its sibling reads; their tasks and futures
+  are reported by asyncio when they are garbage-collected ('Task / Future exception
+  was never retrieved', one multi-kilobyte message each), which can be long after the
+  restore returned, and callbacks arriving after orbax closed its event loop raise
+  'Event loop is closed' in unraisable-exception hooks. On a failed restore this
+  collects the garbage while asyncio is still muted, and a lasting filter
+  (`install_quiet_event_loop_hook`) drops the reports that are collected later. The
+  real cause is the exception of the restore itself, which the caller reports.
   """
 
   def __enter__(self):
@@ -153,20 +158,48 @@ class _quiet_async_errors:  # pylint: disable=invalid-name
     install_quiet_event_loop_hook()
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
+    if exc_type is not None:
+      # Reports the failed reads' orphaned tasks and coroutines now, muted.
+      with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
+                                category=RuntimeWarning)
+        gc.collect()
     self._logger.setLevel(self._level)
     return False
 
 
+_NEVER_RETRIEVED = ('Task exception was never retrieved',
+                    'Future exception was never retrieved')
 _hook_installed = False
 
 
-def install_quiet_event_loop_hook() -> None:
-  """Drops 'Event loop is closed' RuntimeErrors from sys.unraisablehook.
+def _is_failed_read_report(record: std_logging.LogRecord) -> bool:
+  """Whether `record` is asyncio's report of an orphaned failed tensorstore read."""
+  if not (isinstance(record.msg, str) and
+          record.msg.startswith(_NEVER_RETRIEVED) and record.exc_info):
+    return False
+  exc = record.exc_info[1]
+  if exc is None:
+    return False
+  if 'tensorstore' in str(exc):  # tensorstore's errors carry their spec.
+    return True
+  tb = exc.__traceback__
+  while tb is not None:
+    name = tb.tb_frame.f_code.co_filename
+    if f'{os.sep}orbax{os.sep}' in name or f'{os.sep}tensorstore{os.sep}' in name:
+      return True
+    tb = tb.tb_next
+  return False
 
-  Only that exact error (raised by late tensorstore callbacks into orbax's closed
-  per-call event loops after a failed read) is dropped; everything else reaches the
-  previous hook.
+
+def install_quiet_event_loop_hook() -> None:
+  """Mutes the leftovers of failed tensorstore reads for the rest of the process.
+
+  Drops 'Event loop is closed' RuntimeErrors from sys.unraisablehook (raised by late
+  tensorstore callbacks into orbax's closed per-call event loops after a failed
+  read) and asyncio's 'exception was never retrieved' reports whose exception came
+  from tensorstore or orbax. Everything else reaches the previous hook / handlers.
   """
   global _hook_installed
   if _hook_installed:
@@ -180,6 +213,8 @@ def install_quiet_event_loop_hook() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+  std_logging.getLogger('asyncio').addFilter(
+      lambda record: not _is_failed_read_report(record))
   _hook_installed = True
 
 
