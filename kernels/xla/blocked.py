@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import numpy as np
 
 from kernels import problem as problem_lib
 from kernels._arrays import pad_axis
+from kernels.xla import score_transform
 from kernels.xla.plan import _HeadGroup, _Lists, _Plan
 
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -230,20 +230,10 @@ class _Tiles:
     def layout(x):  # [C, B?, Ku?, gu?, bq?, W?] -> the logits' layout
       return jnp.moveaxis(x, -1, 3) if transposed else x
 
-    cap = self.cfg.soft_cap
-    tanh = None
-    if cap is not None:
-      tanh = jnp.tanh(z)
-      s = cap * tanh
-    else:
-      s = z
-    vjp = None
-    if self.mod is not None:
-      index = self.indices(rows, cols, transposed)
-      if mod_vjp:
-        s, vjp = _mod_with_vjp(self.mod, s, index, mod_params)
-      else:
-        s = _apply_mod(self.mod, self.mod.params, s, index)
+    s, tanh, vjp = score_transform.transform(
+        z, self.cfg.soft_cap, self.mod,
+        lambda: self.indices(rows, cols, transposed), mod_vjp=mod_vjp,
+        mod_params=mod_params)
     if self.bias is not None:
       s = s + layout(self.tile_slices(self.bias, rows, cols))
     visible = None
@@ -271,40 +261,6 @@ class _Tiles:
       else:
         s = jnp.where(visible, s, fill)
     return s, tanh, vjp
-
-
-def _apply_mod(mod: problem_lib.ScoreMod, params, s, index):
-  """mod(s, *index) with `params`, in s's dtype and shape."""
-  out = mod.fn(params, s, *index)
-  return jnp.broadcast_to(jnp.asarray(out).astype(s.dtype), s.shape)
-
-
-def _float_leaves(params) -> tuple[list[Any], Any, list[int]]:
-  """(leaves, treedef, positions of the floating leaves) of score_mod params."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  diff = [i for i, x in enumerate(leaves)
-          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return leaves, treedef, diff
-
-
-def _mod_with_vjp(mod: problem_lib.ScoreMod, s, index, with_params: bool = True):
-  """(mod(s), vjp: ds -> (d s_pre, [d float params])) of one tile.
-
-  Without `with_params` the vjp is taken w.r.t. the score only (its param list is
-  empty): every backward needs d mod / d score, which is 1 only for additive mods.
-  """
-  leaves, treedef, diff = _float_leaves(mod.params)
-  if not with_params:
-    diff = []
-
-  def f(s, floats):
-    full = list(leaves)
-    for i, x in zip(diff, floats):
-      full[i] = x
-    return _apply_mod(mod, jax.tree_util.tree_unflatten(treedef, full), s, index)
-
-  out, vjp = jax.vjp(f, s, [leaves[i] for i in diff])
-  return out, vjp
 
 
 def _scan_steps(lists: _Lists, x, body, carry):
@@ -602,12 +558,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
   (cdt, alpha, q_blocks, k_blocks, v_blocks, bias_p, mask_p, q_seg_b,
    kv_seg_b) = _prepare(cfg, q, k, v, bias, mask, q_seg, kv_seg)
   d_out = d_out.astype(cdt)
-  delta = jnp.einsum('btnv,btnv->bnt', d_out, out.astype(cdt),
-                     precision=_PRECISION)  # [B, N, T]
-  if d_lse is not None:
-    delta = delta - d_lse.astype(cdt)
-  lse = lse.astype(cdt)
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
+  delta, lse_safe = score_transform.softmax_backward_rows(
+      out, d_out, lse, d_lse, cdt, _PRECISION)  # [B, N, T]
   do_blocks = _blocks(d_out, bq, nq)  # [nq + 1, B, N, bq, Hv]
   lse_blocks = _row_blocks(lse_safe, bq, nq, jnp.inf)  # [nq + 1, B, N, bq]
   delta_blocks = _row_blocks(delta, bq, nq, 0)  # [nq + 1, B, N, bq]
@@ -616,11 +568,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
   dbias_parts = []
   drop = cfg.dropout_rate > 0
   with_mod = mod is not None and needs.mod
-  dmod = None
-  if with_mod:
-    leaves, _, diff = _float_leaves(mod.params)
-    dmod = [jnp.zeros(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-            for i in diff]
+  dmod = score_transform.zero_float_grads(mod) if with_mod else None
   for grp in plan.groups:
     tiles = _Tiles(cfg, grp, k_src=k_blocks, v_src=v_blocks, bias=bias_p,
                    mask=mask_p, q_seg=q_seg_b, kv_seg=kv_seg_b, batch=b, chunk=1,
@@ -668,11 +616,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, bias, sinks, mask, q_seg,
           dbias = _add_tiles(dbias, _reduce_to(jnp.moveaxis(ds, 3, -1),
                                                tiles.bias),
                              rows, cols_fixed, bq, bk)
-        if mod_vjp is not None:  # through the score_mod to the soft-capped logits
-          ds, d_floats = mod_vjp(ds)
-          if with_mod:
-            dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
-        dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
+        dz, dmod = score_transform.transform_vjp(ds, cfg.soft_cap, tanh, mod_vjp,
+                                                 dmod)
         dz = dz.reshape(flat)
         dk_acc = dk_acc + _bdot('cbkjm,cbkmh->cbkjh', dz, qt,
                                 precision=_PRECISION)  # [C, B, Ku, bk, H]
@@ -795,15 +740,7 @@ def _flash_bwd(cfg, res, cts):
   dq, dk, dv, dbias, dsinks, dfloats = _backward(
       cfg, needs, q, k, v, bias, sinks, mask, q_seg, kv_seg, out, lse, d_out, d_lse,
       mod, seed)
-  dmod = None
-  if mod is not None:
-    leaves, treedef, diff = _float_leaves(mod.params)
-    grads = [np.zeros(np.shape(x), jax.dtypes.float0) for x in leaves]
-    for j, i in enumerate(diff):
-      grads[i] = (jnp.zeros(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-                  if dfloats is None else dfloats[j])
-    dmod = dataclasses.replace(
-        mod, params=jax.tree_util.tree_unflatten(treedef, grads))
+  dmod = score_transform.mod_cotangent(mod, dfloats)
   return dq, dk, dv, dbias, dsinks, None, None, None, dmod, None
 
 

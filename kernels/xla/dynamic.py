@@ -55,7 +55,7 @@ from attention.masks import long_context as masks_long_context
 from attention.masks import static as masks_static
 from kernels import problem as problem_lib
 from kernels._arrays import pad_axis
-from kernels.xla.blocked import _apply_mod, _float_leaves, _mod_with_vjp
+from kernels.xla import score_transform
 
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -260,19 +260,9 @@ class _Tiles:
     else:
       z = jnp.einsum('xmh,xjh->xmj', qt, kt,
                      precision=_PRECISION).reshape(xc, u, bq, bk)  # [Xc, u, bq, bk]
-    tanh = None
-    if cfg.soft_cap is not None:
-      tanh = jnp.tanh(z)
-      s = cfg.soft_cap * tanh
-    else:
-      s = z
-    vjp = None
-    if self.mod is not None:
-      index = self.indices(rows, col, transposed)
-      if mod_vjp:
-        s, vjp = _mod_with_vjp(self.mod, s, index, mod_params)
-      else:
-        s = _apply_mod(self.mod, self.mod.params, s, index)
+    s, tanh, vjp = score_transform.transform(
+        z, cfg.soft_cap, self.mod, lambda: self.indices(rows, col, transposed),
+        mod_vjp=mod_vjp, mod_params=mod_params)
     if self.bias is not None:
       s = s + self.gather_tiles(self.bias, rows, col, transposed)
     visible = valid.reshape(xc, 1, 1, 1)
@@ -482,12 +472,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
   tiles = _Tiles(cfg, b, cdt, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg,
                  mod=mod, seed=seed)
   d_out = d_out.astype(cdt)
-  delta = jnp.einsum('btnv,btnv->bnt', d_out, out.astype(cdt),
-                     precision=_PRECISION)  # [B, N, T]
-  if d_lse is not None:
-    delta = delta - d_lse.astype(cdt)
-  lse = lse.astype(cdt)
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
+  delta, lse_safe = score_transform.softmax_backward_rows(
+      out, d_out, lse, d_lse, cdt, _PRECISION)  # [B, N, T]
   nq = cfg.num_q_blocks
   dox = pad_axis(d_out, 1, nq * bq).reshape(b, nq, bq, cfg.num_units, u, hv)
   dox = dox.transpose(0, 3, 1, 4, 2, 5).reshape(-1, u * bq, hv)  # [X, u * bq, Hv]
@@ -498,11 +484,7 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
   nc, xc, xs = _chunked(cfg, num_rows, xs)
   with_mod = mod is not None and needs.mod
   with_bias = bias is not None and needs.bias
-  dmod0 = None
-  if with_mod:
-    leaves, _, diff = _float_leaves(mod.params)
-    dmod0 = [jnp.zeros(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-             for i in diff]
+  dmod0 = score_transform.zero_float_grads(mod) if with_mod else None
   dbias0 = jnp.zeros(tiles.bias.shape, cdt) if with_bias else None
   dk0 = jnp.zeros(kf.shape, cdt)
   dv0 = jnp.zeros(vf.shape, cdt)
@@ -533,11 +515,8 @@ def _backward(cfg: _Config, needs: _Needs, q, k, v, kv_indices, kv_counts, bias,
       ds = p * (dp - delta_x)  # d logits (after mod, + bias)
       if with_bias:
         dbias = tiles.add_tiles(dbias, jnp.moveaxis(ds, 1, -1), r, col)
-      if mod_vjp is not None:  # d mod / d score is 1 only for additive mods
-        ds, d_floats = mod_vjp(ds)
-        if with_mod:
-          dmod = [a + g.astype(a.dtype) for a, g in zip(dmod, d_floats)]
-      dz = ds if tanh is None else ds * (cfg.soft_cap * (1.0 - tanh * tanh))
+      dz, dmod = score_transform.transform_vjp(ds, cfg.soft_cap, tanh, mod_vjp,
+                                               dmod)
       dz = dz.reshape(xc, bk, -1)  # [Xc, bk, u * bq]
       dk_t = jnp.einsum('xjm,xmh->xjh', dz, qt,
                         precision=_PRECISION)  # [Xc, bk, H]
@@ -619,15 +598,7 @@ def _flash_bwd(cfg, res, cts):
   dq, dk, dv, dbias, dsinks, dfloats = _backward(
       cfg, needs, q, k, v, kv_indices, kv_counts, bias, sinks, mask, q_seg, kv_seg,
       out, lse, d_out, d_lse, mod, seed)
-  dmod = None
-  if mod is not None:
-    leaves, treedef, diff = _float_leaves(mod.params)
-    grads = [np.zeros(np.shape(x), jax.dtypes.float0) for x in leaves]
-    for j, i in enumerate(diff):
-      grads[i] = (jnp.zeros(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-                  if dfloats is None else dfloats[j])
-    dmod = dataclasses.replace(
-        mod, params=jax.tree_util.tree_unflatten(treedef, grads))
+  dmod = score_transform.mod_cotangent(mod, dfloats)
   if bias is not None and dbias is None:
     dbias = jnp.zeros(bias.shape, bias.dtype)
   if sinks is not None and dsinks is None:
