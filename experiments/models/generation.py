@@ -89,28 +89,56 @@ def _prefill(graphdef, state, cache, prompt, positions, mask, interventions, *,
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'),
                    donate_argnames=('cache',))
-def _step(graphdef, state, cache, logits, key, step, temperature, top_k, sample,
-          interventions, *, shardings):
-  """Picks the token of `logits`, appends it; (token, next logits, cache)."""
-  token = _next_token(logits, key, step, temperature, top_k, sample)
+def _step(graphdef, state, cache, logits, done, key, step, temperature, top_k,
+          sample, eos, pad, interventions, *, shardings):
+  """Picks the token of `logits`, appends it; (token, done, next logits, cache)."""
+  token, done = _pick(logits, done, key, step, temperature, top_k, sample, eos,
+                      pad)
   model = nnx.merge(graphdef, state)
   positions = cache.next_positions()[:, None]  # [B, 1]
   out = model(token[:, None], positions=positions, cache=cache,
               interventions=interventions)
-  return token, out.logits[:, 0], _constrain(out.cache, shardings)
+  return token, done, out.logits[:, 0], _constrain(out.cache, shardings)
 
 
-_last = jax.jit(_next_token)
+def _pick(logits, done, key, step, temperature, top_k, sample, eos, pad):
+  """(token, done): `pad` for finished rows; a row is done once it emits an eos."""
+  token = _next_token(logits, key, step, temperature, top_k, sample)
+  token = jnp.where(done, pad, token)
+  return token, done | jnp.isin(token, eos)
+
+
+_last = jax.jit(_pick)
+
+
+def _token_ids(name: str, ids, vocab_size: int) -> tuple[int, ...]:
+  """A token id or a non-empty sequence of them, each in [0, vocab_size)."""
+  seq = (ids,) if isinstance(ids, (int, np.integer)) else ids
+  try:
+    seq = tuple(seq)
+  except TypeError:
+    seq = ()
+  if not seq or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                    or not 0 <= i < vocab_size for i in seq):
+    raise ValueError(
+        f'{name} must be an int or a non-empty sequence of ints in '
+        f'[0, vocab_size={vocab_size}), got {ids!r}.')
+  return tuple(int(i) for i in seq)
 
 
 def generate(model: nnx.Module, prompt: jax.Array,
              attention_mask: jax.Array | None = None, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 1.0,
              top_k: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None,
              interventions: Sequence[Any] = (),
              return_logits: bool = False
             ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Continues left-padded prompts by `max_new_tokens` tokens.
+  """Continues left-padded prompts by up to `max_new_tokens` tokens.
+
+  As Hugging Face's `generate`: a row that emits an `eos_token_id` is finished and
+  continues with `pad_token_id`; generation stops early once every row is finished.
 
   Args:
     model: a `CausalDecoder`.
@@ -122,12 +150,16 @@ def generate(model: nnx.Module, prompt: jax.Array,
       uses `fold_in(key, i)`).
     temperature: sampling temperature (> 0).
     top_k: sample among the top_k logits only (None: all).
+    eos_token_id: end-of-sequence id(s) (None: always `max_new_tokens` tokens).
+    pad_token_id: what finished rows append (default: the first eos id).
     interventions: applied in every forward (prefill and each step).
     return_logits: also return the logits each new token was chosen from.
 
   Returns:
-    tokens [B, T + max_new_tokens] int32: the prompt (pads included) and the new
-    tokens; with return_logits, (tokens, logits [B, max_new_tokens, V] float32).
+    tokens [B, T + n] int32: the prompt (pads included) and the n new tokens, n =
+    max_new_tokens unless every row finished after n < max_new_tokens steps; with
+    return_logits, (tokens, logits [B, n, V] float32), the logits each new token was
+    chosen from (finished rows' logits included as computed).
   """
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
@@ -141,6 +173,14 @@ def generate(model: nnx.Module, prompt: jax.Array,
         f'max_new_tokens must be a positive int, got {max_new_tokens!r}.')
   config = model.config
   _check_sampling(key, temperature, top_k, config.vocab_size)
+  eos = ()
+  if eos_token_id is not None:
+    eos = _token_ids('eos_token_id', eos_token_id, config.vocab_size)
+  if pad_token_id is not None:
+    pad_token_id, = _token_ids('pad_token_id', pad_token_id, config.vocab_size)
+  pad = jnp.int32(pad_token_id if pad_token_id is not None else
+                  (eos[0] if eos else 0))
+  eos_ids = jnp.asarray(eos, jnp.int32).reshape(-1)  # [E] (E = 0: never done)
   if config.positions == 'learned' and t + max_new_tokens > config.max_positions:
     raise ValueError(
         f'prompt length {t} + max_new_tokens {max_new_tokens} exceeds '
@@ -174,15 +214,19 @@ def generate(model: nnx.Module, prompt: jax.Array,
   top_k = jnp.int32(config.vocab_size if top_k is None else top_k)
   logits, cache = _prefill(graphdef, state, cache, prompt.astype(jnp.int32),
                            positions, mask, interventions, shardings=shardings)
+  done = jnp.zeros((b,), bool)
   new, seen = [], [logits]
   for i in range(max_new_tokens - 1):
-    token, logits, cache = _step(
-        graphdef, state, cache, logits, key, jnp.int32(i), temperature, top_k,
-        sample, interventions, shardings=shardings)
+    token, done, logits, cache = _step(
+        graphdef, state, cache, logits, done, key, jnp.int32(i), temperature,
+        top_k, sample, eos_ids, pad, interventions, shardings=shardings)
     new.append(token)
+    if eos and bool(done.all()):  # One host sync per step, only with an eos.
+      break
     seen.append(logits)
-  new.append(_last(logits, key, jnp.int32(max_new_tokens - 1), temperature,
-                   top_k, sample))
+  else:
+    new.append(_last(logits, done, key, jnp.int32(max_new_tokens - 1),
+                     temperature, top_k, sample, eos_ids, pad)[0])
   tokens = jnp.concatenate([prompt.astype(jnp.int32), jnp.stack(new, axis=1)],
                            axis=1)
   if return_logits:

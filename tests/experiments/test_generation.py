@@ -146,9 +146,58 @@ def test_decode_errors():
       (dict(max_new_tokens=0), 'max_new_tokens'),
       (dict(key=jax.random.key(0), temperature=0.0), 'temperature'),
       (dict(key=jax.random.key(0), top_k=100), 'top_k'),
-      (dict(max_new_tokens=40), 'max_positions=32')):
+      (dict(max_new_tokens=40), 'max_positions=32'),
+      (dict(eos_token_id=10 ** 6), 'eos_token_id must be'),
+      (dict(eos_token_id=[]), 'eos_token_id must be'),
+      (dict(eos_token_id=True), 'eos_token_id must be'),
+      (dict(eos_token_id=1, pad_token_id=-1), 'pad_token_id must be')):
     kwargs = {'max_new_tokens': 2, **kwargs}
     with pytest.raises(ValueError, match=match):
       generation.generate(model, prompt, **kwargs)
   with pytest.raises(ValueError, match=r'prompt must be an int array'):
     generation.generate(model, prompt[0], max_new_tokens=2)
+
+
+def test_eos_finishes_rows_and_stops_when_all_are_done():
+  model = randomized(LLAMA)
+  prompt = tokens_for(B, T, seed=7)
+  mask = jnp.asarray(GEN_MASK)
+  steps = 6
+  free, free_logits = generation.generate(model, prompt, mask,
+                                          max_new_tokens=steps,
+                                          return_logits=True)
+  free = np.asarray(free)
+  # The oracle, written out: a row keeps its tokens up to its first eos and is
+  # padded after it; the output ends at the step where the last row finished.
+  eos = int(free[1, T + 2])  # Row 1 emits it at step 2 (or earlier).
+
+  def expected(eos_ids, pad):
+    rows, ends = [], []  # ends: new tokens up to and with the first eos
+    for row in free[:, T:]:
+      hits = np.nonzero(np.isin(row, eos_ids))[0]
+      end = hits[0] + 1 if hits.size else steps
+      rows.append(np.concatenate([row[:end], np.full(steps - end, pad)]))
+      ends.append(end)
+    n = max(ends)
+    return np.concatenate([free[:, :T], np.stack(rows)[:, :n]], axis=1), ends
+
+  for eos_ids, pad in (([eos], 5), ([eos], None), ([int(free[0, T]), eos], 3)):
+    got, logits = generation.generate(
+        model, prompt, mask, max_new_tokens=steps, eos_token_id=eos_ids,
+        pad_token_id=pad, return_logits=True)
+    want, ends = expected(eos_ids, eos_ids[0] if pad is None else pad)
+    np.testing.assert_array_equal(got, want)
+    n = want.shape[1] - T
+    assert logits.shape == (B, n, free_logits.shape[-1])
+    for r, end in enumerate(ends):  # Up to its eos a row is the free run.
+      np.testing.assert_allclose(logits[r, :end], free_logits[r, :end],
+                                 rtol=1e-5, atol=1e-5)
+  # Every row's first token is an eos: one step, nothing padded.
+  first = generation.generate(model, prompt, mask, max_new_tokens=steps,
+                              eos_token_id=[int(i) for i in free[:, T]])
+  np.testing.assert_array_equal(first, free[:, :T + 1])
+  # An eos that is never emitted changes nothing.
+  unused = int(np.setdiff1d(np.arange(LLAMA.vocab_size), free)[0])
+  np.testing.assert_array_equal(
+      generation.generate(model, prompt, mask, max_new_tokens=steps,
+                          eos_token_id=unused), free)
