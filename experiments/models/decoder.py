@@ -3,8 +3,9 @@
 One Flax NNX model covers the decoder-only architectures that differ only in options:
 
 * Llama ("LLaMA: Open and Efficient Foundation Language Models", Touvron et al. 2023)
-  and its relatives Mistral (sliding-window attention, "Mistral 7B") and Qwen2 (q/k/v
-  biases): pre-norm RMSNorm, rotary position embedding (RoFormer, Su et al. 2021) in
+  and its relatives Mistral (sliding-window attention, "Mistral 7B"), Qwen2 (q/k/v
+  biases, sliding windows on some layers) and Qwen3 (per-head RMSNorm of q and k,
+  "Qwen3 Technical Report", 2025): pre-norm RMSNorm, rotary position embedding (RoFormer, Su et al. 2021) in
   Hugging Face's rotate-half layout with `rope_scaling` ('default', 'linear',
   'llama3'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
 * GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al. 2019):
@@ -112,6 +113,11 @@ class DecoderConfig:
       b_down [D]).
     tie_embeddings: logits use embed.embedding^T (no lm_head).
     sliding_window: w: a key is visible iff q_pos - k_pos < w (Mistral), or None.
+    window_layers: the layers that use `sliding_window` (sorted, distinct), the
+      others attend to the full causal context (Qwen2 / Qwen3's max_window_layers,
+      layer_types); None: every layer.
+    qk_norm: RMSNorm of each head's q and k over H before RoPE, scales q_norm /
+      k_norm [H] (Qwen3).
     final_norm: a norm after the last block.
     dtype: activation dtype (parameters are float32; logits are float32).
     implementation: `attention.dot_product_attention` implementation of the fast
@@ -136,6 +142,8 @@ class DecoderConfig:
   mlp_bias: bool = False
   tie_embeddings: bool = False
   sliding_window: int | None = None
+  window_layers: tuple[int, ...] | None = None
+  qk_norm: bool = False
   final_norm: bool = True
   dtype: Any = jnp.float32
   implementation: str | None = None
@@ -167,7 +175,7 @@ class DecoderConfig:
     object.__setattr__(self, 'rope_scaling', _check_rope_scaling(
         self.rope_scaling))
     for name in ('qkv_bias', 'out_bias', 'mlp_bias', 'tie_embeddings',
-                 'final_norm'):
+                 'final_norm', 'qk_norm'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(
             f'{name} must be a bool, got {getattr(self, name)!r}.')
@@ -180,6 +188,24 @@ class DecoderConfig:
           f'{self.sliding_window!r}.')
     if self.sliding_window is not None:
       object.__setattr__(self, 'sliding_window', int(self.sliding_window))
+    if self.window_layers is not None:
+      layers = self.window_layers
+      if (isinstance(layers, (str, bytes)) or not hasattr(layers, '__iter__') or
+          any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+              for i in layers)):
+        raise ValueError(
+            f'window_layers must be None or a sequence of layer indices, got '
+            f'{layers!r}.')
+      layers = tuple(int(i) for i in layers)
+      if (not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or
+          layers[-1] >= self.depth):
+        raise ValueError(
+            f'window_layers must be distinct increasing layer indices in '
+            f'[0, depth={self.depth}), got {self.window_layers!r}.')
+      if self.sliding_window is None:
+        raise ValueError(
+            f'window_layers={layers} needs a sliding_window (got None).')
+      object.__setattr__(self, 'window_layers', layers)
     try:
       dtype = jnp.dtype(self.dtype)
     except TypeError:
@@ -191,6 +217,12 @@ class DecoderConfig:
         self.implementation, str):
       raise ValueError(
           f'implementation must be a str or None, got {self.implementation!r}.')
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding window of `layer` (None: full causal attention)."""
+    if self.window_layers is not None and layer not in self.window_layers:
+      return None
+    return self.sliding_window
 
   def __hash__(self):
     fields = tuple(
@@ -419,6 +451,9 @@ class Attention(nnx.Module):
       self.bv = _zeros((k, h), ('kv_heads', 'head_dim'))
     if c.out_bias:
       self.bo = _zeros((d,), ('embed',))
+    if c.qk_norm:
+      self.q_norm = Norm(h, 'rms', c.norm_eps)
+      self.k_norm = Norm(h, 'rms', c.norm_eps)
 
 
 class MLP(nnx.Module):
@@ -605,7 +640,7 @@ class CausalDecoder(nnx.Module):
         if recorded:
           records[i] = dict(layer_records)
       else:
-        out = _fast_attention(c, q, k, v, positions, kv_positions, kv_valid,
+        out = _fast_attention(c, i, q, k, v, positions, kv_positions, kv_valid,
                               q_valid, plain)
       attn = block.attn
       y = jnp.einsum('btnh,nhd->btd', out.astype(c.dtype),
@@ -640,23 +675,25 @@ def _project_qkv(attn: Attention, x: jax.Array
     q = q + attn.bq[...].astype(dtype)
     k = k + attn.bk[...].astype(dtype)
     v = v + attn.bv[...].astype(dtype)
+  if hasattr(attn, 'q_norm'):  # Per head, over H (Qwen3).
+    q, k = attn.q_norm(q), attn.k_norm(k)
   return q, k, v
 
 
-def _fast_attention(c: DecoderConfig, q, k, v, q_positions, kv_positions,
-                    kv_valid, q_valid, plain: bool) -> jax.Array:
+def _fast_attention(c: DecoderConfig, layer: int, q, k, v, q_positions,
+                    kv_positions, kv_valid, q_valid, plain: bool) -> jax.Array:
   """`attention.dot_product_attention` with the decoder's visibility."""
   scale = c.head_dim ** -0.5
+  window = c.layer_window(layer)
   if plain:
     t = q.shape[1]
     mask = None
-    if c.sliding_window is not None and c.sliding_window < t:
-      mask = masks_lib.sliding_window(t, c.sliding_window - 1, 0)
+    if window is not None and window < t:
+      mask = masks_lib.sliding_window(t, window - 1, 0)
     return attention_lib.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, scale=scale,
         implementation=c.implementation)
-  mask = visibility(q_positions, kv_positions, kv_valid, c.sliding_window,
-                    q_valid)
+  mask = visibility(q_positions, kv_positions, kv_valid, window, q_valid)
   return attention_lib.dot_product_attention(
       q, k, v, mask=mask, scale=scale, implementation=c.implementation)
 
@@ -667,7 +704,7 @@ def _hooked_attention(c: DecoderConfig, layer: int, q, k, v, q_positions,
   """The hook point: `attention.interventions.hook_point.attend` on a site."""
   site = iv_base.AttentionSite(
       layer=layer, num_layers=c.depth, q_positions=q_positions,
-      kv_positions=kv_positions, kv_valid=kv_valid, window=c.sliding_window,
+      kv_positions=kv_positions, kv_valid=kv_valid, window=c.layer_window(layer),
       hidden=hidden, scale=c.head_dim ** -0.5, q_valid=q_valid)
   return hook_point.attend(q, k, v, site, interventions, record)
 

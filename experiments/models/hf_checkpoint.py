@@ -8,7 +8,9 @@ backend (torch is not needed to load) and maps the tensors into the parameter tr
 Architectures:
 - Llama family: LlamaForCausalLM ("LLaMA", Touvron et al. 2023), MistralForCausalLM
   (sliding-window attention, "Mistral 7B", Jiang et al. 2023), Qwen2ForCausalLM (q/k/v
-  biases, optional sliding window; "Qwen2 Technical Report", 2024). RMSNorm, rotary
+  biases, optional sliding window on all or some layers; "Qwen2 Technical Report",
+  2024), Qwen3ForCausalLM (per-head q / k RMSNorm, optional attention biases and
+  sliding windows; "Qwen3 Technical Report", 2025). RMSNorm, rotary
   positions (rope_theta; rope_scaling / rope_parameters of type 'default', 'linear' or
   'llama3'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
 - GPT-2 (GPT2LMHeadModel, "Language Models are Unsupervised Multitask Learners",
@@ -46,19 +48,21 @@ CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 
-LLAMA_FAMILY = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM')
+LLAMA_FAMILY = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM',
+                'Qwen3ForCausalLM')
 SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + ('GPT2LMHeadModel',)
 
 # model_type -> architecture, for a config.json without `architectures`.
 _MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                'qwen2': 'Qwen2ForCausalLM', 'gpt2': 'GPT2LMHeadModel'}
+                'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                'gpt2': 'GPT2LMHeadModel'}
 
 # transformers' activation names that are the tanh approximation of GELU
 # (ACT2FN: 'gelu_new' = NewGELUActivation, 'gelu_pytorch_tanh', 'gelu_fast': the
 # same formula 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))).
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 _ROPE_TYPES = ('default', 'linear', 'llama3')
-_DEFAULT_WINDOW = 4096  # transformers' Mistral / Qwen2 sliding_window default.
+_DEFAULT_WINDOW = 4096  # transformers' Mistral / Qwen2 / Qwen3 sliding_window.
 
 # safetensors dtypes NumPy reads directly; BF16 is widened to float32 here.
 _NUMPY_DTYPES = ('F64', 'F32', 'F16', 'I64', 'I32', 'I16', 'I8', 'U8', 'BOOL')
@@ -166,14 +170,16 @@ def _rope(config_json: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
   return float(theta), scaling
 
 
-def _llama_window(arch: str, config_json: dict[str, Any], depth: int) -> int | None:
-  """The sliding window of a Llama-family config (one for all layers) or None."""
+def _llama_window(arch: str, config_json: dict[str, Any], depth: int
+                 ) -> tuple[int | None, tuple[int, ...] | None]:
+  """(sliding window or None, the layers using it or None for all) of a config."""
   if arch == 'LlamaForCausalLM':
-    return None
+    return None, None
   if arch == 'MistralForCausalLM':
     # Every layer uses the window (transformers' Mistral ignores layer_types).
     window = config_json.get('sliding_window', _DEFAULT_WINDOW)  # null: none.
-  else:  # Qwen2: the window applies from layer max_window_layers on.
+    sliding = None
+  else:  # Qwen2 / Qwen3: the window applies from layer max_window_layers on.
     use = _get(config_json, 'use_sliding_window', False, kind=bool)
     window = config_json.get('sliding_window', _DEFAULT_WINDOW) if use else None
     layer_types = config_json.get('layer_types')
@@ -181,26 +187,24 @@ def _llama_window(arch: str, config_json: dict[str, Any], depth: int) -> int | N
       first = _get(config_json, 'max_window_layers', 28, kind=int)
       layer_types = ['sliding_attention' if window is not None and i >= first
                      else 'full_attention' for i in range(depth)]
-    if len(layer_types) != depth or not set(layer_types) <= {
-        'sliding_attention', 'full_attention'}:
+    if not isinstance(layer_types, list) or len(layer_types) != depth or not set(
+        layer_types) <= {'sliding_attention', 'full_attention'}:
       raise ValueError(
           f'config.json layer_types must list {depth} of "full_attention" / '
           f'"sliding_attention", got {layer_types}.')
-    kinds = set(layer_types)
-    if window is None or kinds == {'full_attention'}:
-      return None
-    if kinds != {'sliding_attention'}:
-      raise ValueError(
-          f'Qwen2ForCausalLM with sliding attention on some layers only '
-          f'(layer_types={layer_types}) is not supported: DecoderConfig has one '
-          'sliding_window for all layers.')
+    sliding = tuple(i for i, kind in enumerate(layer_types)
+                    if kind == 'sliding_attention')
+    if window is None or not sliding:
+      return None, None
+    if len(sliding) == depth:
+      sliding = None
   if window is None:
-    return None
+    return None, None
   if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
     raise ValueError(
         f'config.json sliding_window must be a positive int or null, got '
         f'{window!r}.')
-  return window
+  return window, sliding
 
 
 def _llama_config(arch: str, c: dict[str, Any], dtype: Any) -> DecoderConfig:
@@ -219,10 +223,11 @@ def _llama_config(arch: str, c: dict[str, Any], dtype: Any) -> DecoderConfig:
         f'{arch} hidden_act={act!r} is not supported (SwiGLU needs "silu").')
   if arch == 'Qwen2ForCausalLM':
     qkv_bias, out_bias = True, False  # Hard-coded in Qwen2Attention.
-  else:
+  else:  # Llama, Mistral, Qwen3: q, k, v and o together.
     qkv_bias = out_bias = _get(c, 'attention_bias', False, kind=bool)
   # pretraining_tp only changes how transformers splits its matmuls.
   theta, scaling = _rope(c)
+  window, window_layers = _llama_window(arch, c, depth)
   return DecoderConfig(
       vocab_size=_get(c, 'vocab_size', kind=int), dim=dim, depth=depth,
       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -234,8 +239,8 @@ def _llama_config(arch: str, c: dict[str, Any], dtype: Any) -> DecoderConfig:
       mlp_bias=(arch == 'LlamaForCausalLM' and
                 _get(c, 'mlp_bias', False, kind=bool)),
       tie_embeddings=_get(c, 'tie_word_embeddings', False, kind=bool),
-      sliding_window=_llama_window(arch, c, depth), final_norm=True,
-      dtype=dtype)
+      sliding_window=window, window_layers=window_layers,
+      qk_norm=arch == 'Qwen3ForCausalLM', final_norm=True, dtype=dtype)
 
 
 def _gpt2_config(c: dict[str, Any], dtype: Any) -> DecoderConfig:
@@ -476,6 +481,10 @@ def _llama_params(store: _TensorStore, cfg: DecoderConfig
       if cfg.qkv_bias:
         b = store.take(f'{attn}.{proj}_proj.bias', (heads * h,))
         params[block + ('attn', f'b{ours}')] = b.reshape(heads, h)
+    if cfg.qk_norm:
+      for proj in ('q', 'k'):
+        _norm(store, f'{attn}.{proj}_norm', block + ('attn', f'{proj}_norm'), h,
+              False, params)
     wo = store.take(f'{attn}.o_proj.weight', (d, n * h))
     params[block + ('attn', 'wo')] = wo.T.reshape(n, h, d)  # [N, H, D]
     if cfg.out_bias:
@@ -559,7 +568,8 @@ def _gpt2_buffers(store: _TensorStore, layer: str, positions: int) -> None:
 _PARAM_BUILDERS: dict[str, Callable[[_TensorStore, DecoderConfig],
                                     dict[Path, np.ndarray]]] = {
     'LlamaForCausalLM': _llama_params, 'MistralForCausalLM': _llama_params,
-    'Qwen2ForCausalLM': _llama_params, 'GPT2LMHeadModel': _gpt2_params}
+    'Qwen2ForCausalLM': _llama_params, 'Qwen3ForCausalLM': _llama_params,
+    'GPT2LMHeadModel': _gpt2_params}
 
 
 def _fill(config: DecoderConfig, params: dict[Path, np.ndarray],

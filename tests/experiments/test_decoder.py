@@ -135,17 +135,20 @@ def np_decoder(c, p, tokens, positions, valid):
     v = np.einsum('btd,dkh->btkh', y, a['wv'])
     if c.qkv_bias:
       q, k, v = q + a['bq'], k + a['bk'], v + a['bv']
+    if c.qk_norm:
+      q, k = norm(q, a['q_norm']), norm(k, a['k_norm'])
     if c.positions == 'rope':
       q, k = rope(q), rope(k)
     out = np.zeros((b, t, n, h))
+    window = c.sliding_window if (c.window_layers is None or
+                                  li in c.window_layers) else None
     for bi in range(b):
       for ni in range(n):
         ki = ni // (n // kh)
         for i in range(t):
           seen = [j for j in range(t) if valid[bi, i] and valid[bi, j] and
                   positions[bi, j] <= positions[bi, i] and
-                  (c.sliding_window is None or
-                   positions[bi, i] - positions[bi, j] < c.sliding_window)]
+                  (window is None or positions[bi, i] - positions[bi, j] < window)]
           if not seen:
             continue
           s = np.array([q[bi, i, ni] @ k[bi, j, ki] for j in seen]) / math.sqrt(h)
@@ -205,6 +208,8 @@ LLAMA_CASES = {
         rope_scaling={'rope_type': 'llama3', 'factor': 4.0,
                       'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                       'original_max_position_embeddings': 16}),
+    'qk_norm_window_on_layer_1': dict(sliding_window=2, window_layers=(1,),
+                                      qk_norm=True),
     'mqa_linear_tied_nofinal': dict(
         num_kv_heads=1, tie_embeddings=True, final_norm=False,
         rope_scaling={'type': 'linear', 'factor': 2.0}),
@@ -235,6 +240,21 @@ def test_llama_forward_matches_numpy(case):
   want = np_decoder(c, params_of(model), np.asarray(tokens), positions, MASK)
   assert got.dtype == jnp.float32 and np.isfinite(np.asarray(got)).all()
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  if c.window_layers is not None:  # The oracle sees the per-layer window.
+    every = dataclasses.replace(c, window_layers=None)
+    assert np.abs(np_decoder(every, params_of(model), np.asarray(tokens),
+                             positions, MASK) - want).max() > 1e-2
+    # The hook point (recorded layers) keeps each layer's own window.
+    logits, recs = forward(model, tokens, jnp.asarray(positions),
+                           jnp.asarray(MASK), record=interventions_lib.Record(
+                               probs=True), records=True)
+    np.testing.assert_allclose(logits, got, rtol=1e-5, atol=1e-5)
+    far = np.asarray(positions)[:, :, None] - np.asarray(positions)[:, None] >= 2
+    assert (np.asarray(recs[1]['probs'])[np.broadcast_to(
+        far[:, None], recs[1]['probs'].shape)] == 0).all()
+    assert np.asarray(recs[0]['probs'])[np.broadcast_to(
+        far[:, None] & MASK[:, None, :, None] & MASK[:, None, None], recs[0][
+            'probs'].shape)].min() > 0
   if c == LLAMA:
     # Default positions / no mask: the fast causal (+ sliding-window Mask) path.
     want = np_decoder(c, params_of(model), np.asarray(tokens),

@@ -100,6 +100,18 @@ def qwen2(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def qwen3(tmp_path_factory):
+  """q / k norms, attention biases, head_dim 16 != hidden / heads, and a window on
+  layer 1 only (window 4 < prompt 12)."""
+  config = transformers.Qwen3Config(
+      **_LLAMA_SIZES, head_dim=16, attention_bias=True, use_sliding_window=True,
+      sliding_window=4, max_window_layers=1)
+  assert config.layer_types == ['full_attention', 'sliding_attention']
+  return _build(tmp_path_factory, 'qwen3', config,
+                transformers.Qwen3ForCausalLM, seed=5)
+
+
+@pytest.fixture(scope='module')
 def gpt2(tmp_path_factory):
   config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4,
                                    n_positions=64, vocab_size=VOCAB,
@@ -208,8 +220,42 @@ def test_parity_qwen2(qwen2):
   _check_parity('qwen2', *qwen2, seed=13)
 
 
+def test_parity_qwen3_qk_norm_biases_some_layers_windowed(qwen3):
+  config, _ = hf_checkpoint.load_hf_checkpoint(qwen3[0])
+  assert config.qk_norm and config.qkv_bias and config.head_dim == 16
+  assert (config.sliding_window, config.window_layers) == (4, (1,))
+  _check_parity('qwen3', *qwen3, seed=15)
+
+
 def test_parity_gpt2(gpt2):
   _check_parity('gpt2', *gpt2, seed=14)
+
+
+@pytest.mark.parametrize('fixture', ['llama', 'qwen3', 'gpt2'])
+def test_generate_matches_hf_generate_with_eos(fixture, request):
+  """Greedy `generate` with left padding and an eos equals transformers' own."""
+  from experiments.models import generation  # pylint: disable=g-import-not-at-top
+  directory, hf_model = request.getfixturevalue(fixture)
+  _, model = hf_checkpoint.load_hf_checkpoint(directory)
+  tokens, lengths = _prompts(seed=5, t=6)
+  b, t = tokens.shape
+  left = np.arange(t)[None] >= (t - lengths)[:, None]  # [B, T]
+  prompt = np.where(left, tokens, 1)
+  steps = 8
+  free = np.asarray(generation.generate(model, jnp.asarray(prompt, jnp.int32),
+                                        jnp.asarray(left), max_new_tokens=steps))
+  eos = int(free[1, t + 2])  # Row 1 finishes by step 2; the others may not.
+  pad = (eos + 1) % VOCAB
+  ours = np.asarray(generation.generate(
+      model, jnp.asarray(prompt, jnp.int32), jnp.asarray(left),
+      max_new_tokens=steps, eos_token_id=eos, pad_token_id=pad))
+  with torch.no_grad():
+    ref = hf_model.generate(
+        input_ids=torch.tensor(prompt), attention_mask=torch.tensor(
+            left, dtype=torch.long), max_new_tokens=steps, do_sample=False,
+        eos_token_id=eos, pad_token_id=pad).numpy()
+  np.testing.assert_array_equal(ours, ref)
+  assert (ours[1, t + 3:] == pad).all() and b == 3
 
 
 def test_params_follow_the_hf_layout(gpt2, qwen2):
@@ -404,7 +450,7 @@ def test_unknown_architecture(llama, tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"'BertForMaskedLM'.*supported: "
                      'LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, '
-                     'GPT2LMHeadModel'):
+                     'Qwen3ForCausalLM, GPT2LMHeadModel'):
     hf_checkpoint.load_hf_checkpoint(tmp_path)
   with pytest.raises(ValueError, match=r"model_type='bert'; supported"):
     hf_checkpoint.config_from_hf({'model_type': 'bert'})
@@ -455,10 +501,50 @@ def test_config_from_hf_qwen2_windows():
   assert (c.sliding_window, c.qkv_bias, c.out_bias) == (None, True, False)
   c = hf_checkpoint.config_from_hf(dict(qwen, use_sliding_window=True,
                                         max_window_layers=0))
-  assert c.sliding_window == 8
-  with pytest.raises(ValueError, match='sliding attention on some layers only'):
+  assert (c.sliding_window, c.window_layers) == (8, None)
+  c = hf_checkpoint.config_from_hf(dict(qwen, use_sliding_window=True,
+                                        max_window_layers=1))
+  assert (c.sliding_window, c.window_layers) == (8, (1,))
+  assert (c.layer_window(0), c.layer_window(1)) == (None, 8)
+  c = hf_checkpoint.config_from_hf(dict(
+      qwen, use_sliding_window=True,
+      layer_types=['sliding_attention', 'full_attention']))
+  assert c.window_layers == (0,)
+  c = hf_checkpoint.config_from_hf(dict(qwen, use_sliding_window=True,
+                                        max_window_layers=2))
+  assert (c.sliding_window, c.window_layers) == (None, None)
+  with pytest.raises(ValueError, match='layer_types must list 2'):
     hf_checkpoint.config_from_hf(dict(qwen, use_sliding_window=True,
-                                      max_window_layers=1))
+                                      layer_types=['full_attention']))
+
+
+def test_config_from_hf_qwen3():
+  qwen3 = _llama_json(architectures=['Qwen3ForCausalLM'], head_dim=16)
+  c = hf_checkpoint.config_from_hf(qwen3)
+  assert (c.qk_norm, c.qkv_bias, c.out_bias, c.head_dim) == (True, False, False,
+                                                             16)
+  c = hf_checkpoint.config_from_hf(dict(qwen3, attention_bias=True))
+  assert (c.qkv_bias, c.out_bias) == (True, True)
+  c = hf_checkpoint.config_from_hf({k: v for k, v in qwen3.items()
+                                    if k != 'architectures'} | {
+                                        'model_type': 'qwen3'})
+  assert c.qk_norm
+
+
+def test_decoder_config_window_layers_are_checked():
+  base = dict(vocab_size=8, dim=8, depth=3, num_heads=2, num_kv_heads=2,
+              head_dim=4, mlp_dim=8)
+  for layers, match in (((2, 1), 'distinct increasing'), ((3,), r'depth=3'),
+                        ((), 'distinct increasing'), ('0', 'sequence of layer'),
+                        ((True,), 'sequence of layer')):
+    with pytest.raises(ValueError, match=match):
+      DecoderConfig(**base, sliding_window=4, window_layers=layers)
+  with pytest.raises(ValueError, match='needs a sliding_window'):
+    DecoderConfig(**base, window_layers=(0,))
+  c = DecoderConfig(**base, sliding_window=4, window_layers=[0, 2])
+  assert c.window_layers == (0, 2)
+  assert [c.layer_window(i) for i in range(3)] == [4, None, 4]
+  assert hash(c) != hash(DecoderConfig(**base, sliding_window=4))
 
 
 @pytest.mark.parametrize('overrides, match', [
