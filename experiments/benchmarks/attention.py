@@ -77,9 +77,7 @@ def _implementations() -> list[str]:
 
 
 def _fwd_and_grad(fn):
-  def loss(q, k, v):
-    return jnp.sum(fn(q, k, v).astype(jnp.float32))
-  return jax.jit(fn), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  return jax.jit(fn), common.fwd_bwd_fn(fn)
 
 
 def measure(pattern: str, t: int, *, batch: int = 1, heads: int = 8,

@@ -477,9 +477,14 @@ def _contender(contender: str, st: Structure):
       q, k, v, implementation=contender, **st.ours, **arrays)), st.ours_arrays
 
 
-def _fwd_bwd(fn):
-  loss = lambda q, k, v, arrays: jnp.sum(fn(q, k, v, arrays).astype(jnp.float32))
-  return jax.grad(loss, argnums=(0, 1, 2))
+def _timed_call(fn, q, k, v, arrays, backward: bool):
+  """(function, args) timed: fn itself, or its backward with a run-time cotangent
+  of the output (`common.vjp_fn`; not grad of a sum, whose constant cotangent XLA
+  folds)."""
+  args = (q, k, v, arrays)
+  if not backward:
+    return fn, args
+  return common.vjp_fn(fn), (common.random_cotangent(fn, *args),) + args
 
 
 def _compile(fn, args, fast_compile: bool = False) -> tuple[Any, float, int]:
@@ -579,8 +584,8 @@ def timing_rows(st_name: str, t: int, dtype_name: str, cfg: Config, backend: str
           continue
         fn, arrays = _contender(cand, st)
         try:
-          exe, seconds, mem = _compile(_fwd_bwd(fn) if backward else fn,
-                                       (q, k, v, arrays), cfg.fast_compile)
+          timed, args = _timed_call(fn, q, k, v, arrays, backward)
+          exe, seconds, mem = _compile(timed, args, cfg.fast_compile)
         except Exception as e:  # pylint: disable=broad-except
           msg = _short_error(e)
           row[f'{tag}_status'] = ('unsupported: ' if 'does not support' in msg
@@ -594,7 +599,7 @@ def timing_rows(st_name: str, t: int, dtype_name: str, cfg: Config, backend: str
                                   f'{limit_bytes / 2**30:.1f} GiB')
           continue
         row[f'{tag}_status'] = 'ok'
-        fns[f'{name}|{tag}'] = functools.partial(exe, q, k, v, arrays)
+        fns[f'{name}|{tag}'] = functools.partial(exe, *args)
         break
     if notes and name == JAX_NN:
       row['note'] = '; '.join(notes)

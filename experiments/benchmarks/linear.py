@@ -76,8 +76,7 @@ def _fwd(name: str):
 
 
 def _fwd_bwd(name: str):
-  fn = _FNS[name]
-  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), (0, 1, 2)))
+  return common.fwd_bwd_fn(_FNS[name])
 
 
 def _time(fns: dict[str, Any], args, rounds: int) -> dict[str, float]:
@@ -163,15 +162,17 @@ def peak_kib():
 
 import jax, jax.numpy as jnp
 from attention import linear
+from experiments.benchmarks import common
 t, n, h = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
-q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
-           for _ in range(3)]
-jax.block_until_ready((q, k, v))
+# q, k, v and the output's cotangent (the backward's input, common.vjp_fn).
+q, k, v, d_out = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
+                  for _ in range(4)]
+jax.block_until_ready((q, k, v, d_out))
 before = peak_kib()
-f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(linear.lightning_attention(
-    q, k, v, implementation='xla')[0]), argnums=(0, 1, 2)))
-g = jax.block_until_ready(f(q, k, v))
+f = jax.jit(common.vjp_fn(lambda q, k, v: linear.lightning_attention(
+    q, k, v, implementation='xla')[0]))
+g = jax.block_until_ready(f(d_out, q, k, v))
 finite = all(bool(jnp.isfinite(x).all()) for x in g)
 print(json.dumps(dict(peak_kib=peak_kib(), inputs_kib=before, finite=finite)))
 '''

@@ -195,8 +195,7 @@ def _inputs(b: int, t: int, n: int, kh: int, h: int, seed: int = 0):
 
 
 def _grad(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
-  return jax.jit(jax.grad(lambda q, k, v, *a: jnp.sum(fn(q, k, v, *a)),
-                          argnums=(0, 1, 2)))
+  return common.fwd_bwd_fn(fn)
 
 
 def _static_fns(mask: masks_base.Mask | None, perm: np.ndarray | None = None,

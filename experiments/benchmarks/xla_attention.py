@@ -112,7 +112,7 @@ def _ours(mask, scale, score_mod=None, **kw):
 
 
 def _grad_of(fn):
-  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+  return common.fwd_bwd_fn(fn)
 
 
 def causal_rows(t: int, n: int, h: int, rounds: int,
@@ -327,6 +327,7 @@ def peak_kib():
 import jax, jax.numpy as jnp
 from attention import score_mods
 from attention.masks import base
+from experiments.benchmarks import common
 from kernels import problem as problem_lib
 from kernels import xla
 t, n, h = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -334,16 +335,17 @@ mod = score_mods.alibi(n) if sys.argv[4:] == ['alibi'] else None
 rng = np.random.default_rng(0)
 # NumPy float32 inputs (jax.random at this size has a larger transient peak than the
 # attention itself).
-q, k, v = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
-           for _ in range(3)]
-jax.block_until_ready((q, k, v))
+# d_out: the output's cotangent, the backward's input (common.vjp_fn).
+q, k, v, d_out = [jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32))
+                  for _ in range(4)]
+jax.block_until_ready((q, k, v, d_out))
 before = peak_kib()
 mask = base.causal(t)
-f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(xla.attention(
+f = jax.jit(common.vjp_fn(lambda q, k, v: xla.attention(
     q, k, v, problem_lib.make_problem(q, k, v, scale=h ** -0.5, mask=mask,
-                                      score_mod=mod))), argnums=(0, 1, 2)))
+                                      score_mod=mod))))
 start = time.perf_counter()
-g = jax.block_until_ready(f(q, k, v))
+g = jax.block_until_ready(f(d_out, q, k, v))
 seconds = time.perf_counter() - start
 finite = all(bool(jnp.isfinite(x).all()) for x in g)
 peak = peak_kib()

@@ -95,3 +95,61 @@ def test_quality_topic_trains_each_variant(monkeypatch, tmp_path):
     assert 0.0 <= r['eval_accuracy'] <= 1.0 and r['tokens_per_s'] > 0
   assert rows[0]['speed_vs_first'] == 1.0
   assert os.listdir(tmp_path) == []  # run directories are cleaned up
+
+
+def _attend(q, k, v):
+  """A small causal attention with Hv != H, so the output's shape is its own."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  s = jnp.einsum('btnh,bsnh->bnts', q, k)  # [B, N, T, S]
+  t = q.shape[1]
+  s = jnp.where(np.tril(np.ones((t, t), bool)), s, -jnp.inf)
+  return jnp.einsum('bnts,bsnv->btnv', jax_nn_softmax(s), v)  # [B, T, N, Hv]
+
+
+def jax_nn_softmax(x):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.nn.softmax(x, axis=-1)
+
+
+def test_fwd_bwd_is_the_backward_of_a_run_time_random_cotangent():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((2, 6, 3, 4)), jnp.float32)
+          for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((2, 6, 3, 5)), jnp.float32)
+  g = common.random_cotangent(_attend, q, k, v)
+  assert g.shape == (2, 6, 3, 5) and g.dtype == jnp.float32
+  assert 0.5 < float(jnp.std(g)) < 1.5  # Not the all-ones of grad(sum).
+  np.testing.assert_array_equal(g, common.random_cotangent(_attend, q, k, v))
+  fb = common.fwd_bwd_fn(_attend)
+  got = fb(q, k, v)
+  want = jax.vjp(_attend, q, k, v)[1](g)  # The oracle: jax.vjp directly.
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Only q differentiated, and an extra non-differentiated argument.
+  dq, = common.fwd_bwd_fn(lambda q, k, v, c: _attend(q * c, k, v), (0,))(
+      q, k, v, 2.0)
+  want_q, = jax.vjp(lambda q: _attend(q * 2.0, k, v), q)[1](g)
+  np.testing.assert_allclose(dq, want_q, rtol=1e-5, atol=1e-6)
+  # The cotangent is an argument of the compiled program (4 inputs, the first of
+  # the output's shape), not a constant XLA could fold.
+  lowered = fb.lower(q, k, v)
+  shapes = [x.shape for x in jax.tree_util.tree_leaves(lowered.args_info)]
+  assert shapes == [(2, 6, 3, 5), q.shape, k.shape, v.shape]
+  assert common.compiled_memory_bytes(fb, q, k, v) > 0
+
+
+def test_no_benchmark_times_the_gradient_of_a_sum():
+  """grad(sum(f)) gives XLA a constant cotangent; the benchmarks use vjp_fn."""
+  import re  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(os.path.dirname(common.__file__))
+  pattern = re.compile(r'grad\(lambda[^\n]*jnp\.sum\(|loss = lambda[^\n]*jnp'
+                       r'\.sum\(fn|return jnp\.sum\(fn\(')
+  offenders = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith('.py'):
+      with open(os.path.join(folder, name), encoding='utf-8') as f:
+        if pattern.search(f.read()):
+          offenders.append(name)
+  assert not offenders, offenders
