@@ -7,7 +7,7 @@ One Flax NNX model covers the decoder-only architectures that differ only in opt
   biases, sliding windows on some layers) and Qwen3 (per-head RMSNorm of q and k,
   "Qwen3 Technical Report", 2025): pre-norm RMSNorm, rotary position embedding (RoFormer, Su et al. 2021) in
   Hugging Face's rotate-half layout with `rope_scaling` ('default', 'linear',
-  'llama3'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
+  'llama3', 'yarn'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
 * GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al. 2019):
   pre-norm LayerNorm with bias, learned absolute positions, GELU (tanh) MLP with
   biases, attention output bias, tied embeddings.
@@ -65,12 +65,13 @@ from experiments import sharding as sharding_lib
 _NORMS = ('rms', 'layer')
 _MLPS = ('swiglu', 'gelu_tanh')
 _POSITIONS = ('rope', 'learned', 'none')
-_ROPE_TYPES = ('default', 'linear', 'llama3')
-_ROPE_KEYS = {
+_ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
+_ROPE_KEYS = {  # The required keys (positive numbers) of each rope type.
     'default': (),
     'linear': ('factor',),
     'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
                'original_max_position_embeddings'),
+    'yarn': ('factor', 'original_max_position_embeddings'),
 }
 
 
@@ -103,9 +104,12 @@ class DecoderConfig:
     positions: 'rope', 'learned' (absolute table pos_embed [P, D]) or 'none'.
     rope_theta: RoPE base.
     rope_scaling: None or Hugging Face's dict: {'rope_type': 'default'},
-      {'rope_type': 'linear', 'factor': f} or {'rope_type': 'llama3', 'factor',
+      {'rope_type': 'linear', 'factor': f}, {'rope_type': 'llama3', 'factor',
       'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'}
-      ('type' is accepted for 'rope_type'; other keys are ignored).
+      or {'rope_type': 'yarn', 'factor', 'original_max_position_embeddings',
+      optional 'beta_fast', 'beta_slow', 'attention_factor' (or 'mscale',
+      'mscale_all_dim'), 'truncate'} ('type' is accepted for 'rope_type'; other
+      keys are ignored).
     max_positions: P, the learned table's length (informational with RoPE).
     qkv_bias: biases bq [N, H], bk [K, H], bv [K, H] (Qwen2, GPT-2).
     out_bias: attention output bias bo [D] (GPT-2).
@@ -255,6 +259,41 @@ def _check_rope_scaling(scaling: Mapping[str, Any] | None
     raise ValueError(
         'rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got '
         f'{out["high_freq_factor"]} <= {out["low_freq_factor"]}.')
+  if kind == 'yarn':
+    out.update(_yarn_options(scaling, out['factor']))
+  return out
+
+
+def _yarn_options(scaling: Mapping[str, Any], factor: float) -> dict[str, Any]:
+  """YaRN's optional keys with transformers' defaults (beta_fast 32, beta_slow 1,
+  truncate true; attention_factor from factor, mscale and mscale_all_dim)."""
+
+  def number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+      raise ValueError(
+          f'rope_scaling[{name!r}] must be a positive number for rope_type '
+          f"'yarn', got {value!r}.")
+    return float(value)
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  out: dict[str, Any] = {}
+  for name, default in (('beta_fast', 32.0), ('beta_slow', 1.0)):
+    out[name] = number(name, scaling.get(name) or default)  # 0 / None: default
+  attention_factor = scaling.get('attention_factor')
+  if attention_factor is None:
+    m, m_all = scaling.get('mscale'), scaling.get('mscale_all_dim')
+    if m and m_all:
+      attention_factor = mscale(factor, number('mscale', m)) / mscale(
+          factor, number('mscale_all_dim', m_all))
+    else:
+      attention_factor = mscale(factor)
+  out['attention_factor'] = number('attention_factor', attention_factor)
+  truncate = scaling.get('truncate', True)
+  if not isinstance(truncate, bool):
+    raise ValueError(f"rope_scaling['truncate'] must be a bool, got {truncate!r}.")
+  out['truncate'] = truncate
   return out
 
 
@@ -270,11 +309,18 @@ def rope_inv_freq(head_dim: int, theta: float,
   'linear' divides by factor; 'llama3' divides the low frequencies (wavelength >
   original_max / low_freq_factor) by factor, keeps the high ones (wavelength <
   original_max / high_freq_factor) and interpolates smoothly in between (as
-  transformers' `_compute_llama3_parameters`). Computed in float64, rounded once.
+  transformers' `_compute_llama3_parameters`); 'yarn' ("YaRN: Efficient Context
+  Window Extension of Large Language Models", Peng et al. 2023) blends the
+  interpolated inv / factor and the original inv with a linear ramp over the
+  dimensions between the beta_fast and beta_slow rotation counts at
+  original_max (as `_compute_yarn_parameters`; its attention factor is
+  `rope_attention_factor`). Computed in float64, rounded once.
   """
   inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   kind = 'default' if scaling is None else scaling['rope_type']
-  if kind == 'linear':
+  if kind == 'yarn':
+    inv = _yarn_inv_freq(inv, head_dim, theta, scaling)
+  elif kind == 'linear':
     inv = inv / scaling['factor']
   elif kind == 'llama3':
     factor = scaling['factor']
@@ -289,20 +335,52 @@ def rope_inv_freq(head_dim: int, theta: float,
   return inv.astype(np.float32)
 
 
+def _yarn_inv_freq(inv: np.ndarray, head_dim: int, theta: float,
+                   scaling: Mapping[str, Any]) -> np.ndarray:
+  """YaRN's blend of interpolated (inv / factor) and original frequencies."""
+  factor, old = scaling['factor'], scaling['original_max_position_embeddings']
+
+  def dim_of(rotations):  # The dimension that turns `rotations` times in `old`.
+    return head_dim * math.log(old / (rotations * 2 * math.pi)) / (
+        2 * math.log(theta))
+
+  low, high = dim_of(scaling['beta_fast']), dim_of(scaling['beta_slow'])
+  if scaling['truncate']:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001  # As transformers: no zero-width ramp.
+  ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) /
+                 (high - low), 0.0, 1.0)
+  extrapolate = 1.0 - ramp  # 1: keep the original frequency (fast dimensions).
+  return inv / factor * (1.0 - extrapolate) + inv * extrapolate
+
+
+def rope_attention_factor(scaling: Mapping[str, Any] | None) -> float:
+  """The factor applied to cos and sin (so to q and k): YaRN's, else 1."""
+  if scaling is not None and scaling['rope_type'] == 'yarn':
+    return float(scaling['attention_factor'])
+  return 1.0
+
+
 def apply_rope(x: jax.Array, positions: jax.Array,
-               inv_freq: jax.Array) -> jax.Array:
+               inv_freq: jax.Array, attention_factor: float = 1.0) -> jax.Array:
   """Rotary embedding in the rotate-half layout (HF Llama / the trainer's `rope`).
 
-  out = x * cos + rotate_half(x) * sin with angles positions * inv_freq, in float32.
+  out = x * cos + rotate_half(x) * sin with angles positions * inv_freq, in float32,
+  cos and sin scaled by `attention_factor` (`rope_attention_factor`).
 
   Args:
     x: [B, T, N, H].
     positions: [B, T] integer positions.
     inv_freq: [H/2] float32.
+    attention_factor: YaRN's scale of cos / sin (1: none).
   """
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
   sin = jnp.sin(angles)[:, :, None, :]
+  if attention_factor != 1.0:
+    cos, sin = cos * attention_factor, sin * attention_factor
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -602,6 +680,7 @@ class CausalDecoder(nnx.Module):
     if c.positions == 'learned':
       x = x + jnp.take(self.pos_embed.embedding[...], positions, axis=0,
                        mode='clip').astype(c.dtype)  # [B, T, D]
+    rope_factor = rope_attention_factor(c.rope_scaling)
     inv_freq = (jnp.asarray(rope_inv_freq(c.head_dim, c.rope_theta,
                                           c.rope_scaling))
                 if c.positions == 'rope' else None)
@@ -622,8 +701,8 @@ class CausalDecoder(nnx.Module):
       h = block.attn_norm(x)
       q, k, v = _project_qkv(block.attn, h)  # [B, T, N, H], [B, T, K, H] x 2
       if inv_freq is not None:
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, rope_factor)
+        k = apply_rope(k, positions, inv_freq, rope_factor)
       if cache is not None:
         k = cache.k[i].at[:, slots].set(k.astype(cache.k[i].dtype), mode='drop')
         v = cache.v[i].at[:, slots].set(v.astype(cache.v[i].dtype), mode='drop')
@@ -994,5 +1073,5 @@ __all__ = [
     'CausalDecoder', 'DecoderConfig', 'DecoderOutput', 'KVCache', 'apply_rope',
     'cache_shardings', 'config_from_trainer', 'decode_step', 'from_trainer_lm',
     'generate', 'layer_norm', 'param_mesh', 'place_on_mesh', 'rms_norm',
-    'rope_inv_freq', 'sample_logits', 'visibility',
+    'rope_attention_factor', 'rope_inv_freq', 'sample_logits', 'visibility',
 ]

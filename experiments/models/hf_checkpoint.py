@@ -11,8 +11,8 @@ Architectures:
   biases, optional sliding window on all or some layers; "Qwen2 Technical Report",
   2024), Qwen3ForCausalLM (per-head q / k RMSNorm, optional attention biases and
   sliding windows; "Qwen3 Technical Report", 2025). RMSNorm, rotary
-  positions (rope_theta; rope_scaling / rope_parameters of type 'default', 'linear' or
-  'llama3'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
+  positions (rope_theta; rope_scaling / rope_parameters of type 'default', 'linear',
+  'llama3' or 'yarn'), SwiGLU MLP, grouped-query attention, tied or untied embeddings.
 - GPT-2 (GPT2LMHeadModel, "Language Models are Unsupervised Multitask Learners",
   Radford et al. 2019): LayerNorm with bias, tanh-approximated GELU, learned positions,
   fused q/k/v stored as a Conv1D (weights [in, out], transposed relative to
@@ -61,7 +61,10 @@ _MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
 # (ACT2FN: 'gelu_new' = NewGELUActivation, 'gelu_pytorch_tanh', 'gelu_fast': the
 # same formula 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))).
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
-_ROPE_TYPES = ('default', 'linear', 'llama3')
+_ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
+# YaRN's optional keys (transformers' defaults apply when absent).
+_YARN_OPTIONS = ('beta_fast', 'beta_slow', 'attention_factor', 'mscale',
+                 'mscale_all_dim', 'truncate')
 _DEFAULT_WINDOW = 4096  # transformers' Mistral / Qwen2 / Qwen3 sliding_window.
 
 # safetensors dtypes NumPy reads directly; BF16 is widened to float32 here.
@@ -145,20 +148,39 @@ def _rope(config_json: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         f'{_ROPE_TYPES}.')
   required = {'default': (), 'linear': ('factor',),
               'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
-                         'original_max_position_embeddings')}[rope_type]
-  unknown = sorted(set(params) - set(required) - {'attention_factor'})
+                         'original_max_position_embeddings'),
+              'yarn': ('factor', 'original_max_position_embeddings')}[rope_type]
+  optional = _YARN_OPTIONS if rope_type == 'yarn' else ('attention_factor',)
+  unknown = sorted(set(params) - set(required) - set(optional))
   if unknown:  # E.g. per-layer-type parameters {'full_attention': {...}}.
     raise ValueError(
         f'config.json rope parameters {unknown} are not supported for rope type '
-        f'{rope_type!r} (known: {list(required) + ["attention_factor"]}).')
+        f'{rope_type!r} (known: {list(required) + list(optional)}).')
   attention_factor = params.get('attention_factor')
-  if attention_factor not in (None, 1, 1.0):
+  if rope_type != 'yarn' and attention_factor not in (None, 1, 1.0):
     raise ValueError(
         f'config.json rope attention_factor={attention_factor!r} is not supported '
-        '(only 1.0).')
+        f'for rope type {rope_type!r} (only 1.0).')
   if rope_type == 'default':
     return float(theta), None
   scaling: dict[str, Any] = {'rope_type': rope_type}
+  if rope_type in ('llama3', 'yarn'):
+    # As transformers' standardize_rope_params: a top-level
+    # original_max_position_embeddings wins, else max_position_embeddings.
+    top = config_json.get('original_max_position_embeddings')
+    if top is not None:
+      params['original_max_position_embeddings'] = top
+    elif rope_type == 'yarn':
+      params.setdefault('original_max_position_embeddings',
+                        config_json.get('max_position_embeddings'))
+  if rope_type == 'yarn':
+    if params.get('factor') is None:  # DeepSeek: max / original positions.
+      original = params.get('original_max_position_embeddings')
+      maximum = config_json.get('max_position_embeddings')
+      if (isinstance(original, (int, float)) and original > 0 and
+          isinstance(maximum, (int, float))):
+        params['factor'] = maximum / original
+    scaling.update({k: params[k] for k in _YARN_OPTIONS if k in params})
   for key in required:
     value = params.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -83,6 +83,18 @@ def llama_tied(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def llama_yarn(tmp_path_factory):
+  """YaRN rope: head_dim 8, theta 100, original 16 positions: the ramp keeps the
+  fastest frequency and interpolates the others; attention factor 1.139."""
+  config = transformers.LlamaConfig(
+      **_LLAMA_SIZES, rope_parameters={
+          'rope_type': 'yarn', 'rope_theta': 100.0, 'factor': 4.0,
+          'original_max_position_embeddings': 16})
+  return _build(tmp_path_factory, 'llama_yarn', config,
+                transformers.LlamaForCausalLM, seed=6)
+
+
+@pytest.fixture(scope='module')
 def mistral(tmp_path_factory):
   config = transformers.MistralConfig(**_LLAMA_SIZES, sliding_window=4)
   return _build(tmp_path_factory, 'mistral', config,
@@ -201,6 +213,41 @@ def test_parity_llama_tied_llama3_biases_sharded(llama_tied):
   assert config.tie_embeddings and config.qkv_bias and config.out_bias
   assert config.mlp_bias and config.rope_scaling['rope_type'] == 'llama3'
   _check_parity('llama_tied_llama3', *llama_tied, seed=11)
+
+
+def test_parity_llama_yarn(llama_yarn):
+  config, _ = hf_checkpoint.load_hf_checkpoint(llama_yarn[0])
+  assert config.rope_scaling['rope_type'] == 'yarn'
+  _check_parity('llama_yarn', *llama_yarn, seed=16)
+
+
+@pytest.mark.parametrize('rope', [
+    dict(factor=4.0, original_max_position_embeddings=16),
+    dict(factor=8.0, original_max_position_embeddings=32, beta_fast=8.0,
+         beta_slow=2.0, truncate=False),
+    dict(factor=2.0, original_max_position_embeddings=64, mscale=1.0,
+         mscale_all_dim=0.5),
+    dict(factor=16.0, original_max_position_embeddings=24, attention_factor=1.3),
+], ids=['defaults', 'betas_untruncated', 'mscale', 'attention_factor'])
+def test_yarn_frequencies_match_transformers(rope):
+  """Inverse frequencies and attention factor vs transformers' own function."""
+  from transformers import modeling_rope_utils  # pylint: disable=g-import-not-at-top
+  from experiments.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  hf = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2, max_position_embeddings=256,
+      rope_parameters=dict(rope_type='yarn', rope_theta=500.0, **rope))
+  want_inv, want_factor = modeling_rope_utils._compute_yarn_parameters(hf)  # pylint: disable=protected-access
+  ours = hf_checkpoint.config_from_hf(hf.to_dict())
+  assert ours.head_dim == 32
+  inv = decoder_lib.rope_inv_freq(ours.head_dim, ours.rope_theta,
+                                  ours.rope_scaling)
+  np.testing.assert_allclose(inv, want_inv.numpy(), rtol=2e-6)
+  assert abs(decoder_lib.rope_attention_factor(ours.rope_scaling) -
+             want_factor) < 1e-9
+  plain = decoder_lib.rope_inv_freq(ours.head_dim, ours.rope_theta)
+  assert not np.allclose(inv, plain) and not np.allclose(inv, plain / rope[
+      'factor'])  # A blend: neither the original nor the interpolated one.
 
 
 def test_parity_mistral_prompt_longer_than_window(mistral):
@@ -518,6 +565,29 @@ def test_config_from_hf_qwen2_windows():
                                       layer_types=['full_attention']))
 
 
+def test_config_from_hf_yarn_position_defaults():
+  # No factor (DeepSeek style): max_position_embeddings / original.
+  c = hf_checkpoint.config_from_hf(_llama_json(
+      max_position_embeddings=64, rope_parameters={
+          'rope_type': 'yarn', 'original_max_position_embeddings': 16}))
+  assert c.rope_scaling['factor'] == 4.0
+  # A top-level original_max_position_embeddings wins (transformers' rule).
+  c = hf_checkpoint.config_from_hf(_llama_json(
+      max_position_embeddings=64, original_max_position_embeddings=32,
+      rope_parameters={'rope_type': 'yarn', 'factor': 2.0,
+                       'original_max_position_embeddings': 16}))
+  assert c.rope_scaling['original_max_position_embeddings'] == 32
+  # Without either, max_position_embeddings; defaults of the optional keys.
+  c = hf_checkpoint.config_from_hf(_llama_json(
+      max_position_embeddings=48, rope_parameters={'rope_type': 'yarn',
+                                                   'factor': 2.0}))
+  assert c.rope_scaling == {
+      'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 48.0,
+      'beta_fast': 32.0, 'beta_slow': 1.0,
+      'attention_factor': pytest.approx(0.1 * np.log(2.0) + 1.0),
+      'truncate': True}
+
+
 def test_config_from_hf_qwen3():
   qwen3 = _llama_json(architectures=['Qwen3ForCausalLM'], head_dim=16)
   c = hf_checkpoint.config_from_hf(qwen3)
@@ -548,8 +618,21 @@ def test_decoder_config_window_layers_are_checked():
 
 
 @pytest.mark.parametrize('overrides, match', [
+    (dict(rope_parameters={'rope_type': 'longrope', 'factor': 4.0}),
+     "rope type 'longrope' is not supported"),
     (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0}),
-     "rope type 'yarn' is not supported"),
+     "'yarn' needs a positive \"original_max_position_embeddings\""),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0,
+                           'original_max_position_embeddings': 16,
+                           'truncate': 'yes'}), "'truncate'] must be a bool"),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0,
+                           'original_max_position_embeddings': 16,
+                           'attention_factor': -1.0}),
+     "'attention_factor'] must be a positive number"),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0,
+                           'original_max_position_embeddings': 16,
+                           'partial_rotary_factor': 0.5}),
+     r"rope parameters \['partial_rotary_factor'\] are not supported"),
     (dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}),
      "'llama3' needs a positive \"low_freq_factor\""),
     (dict(rope_parameters={'full_attention': {'rope_type': 'default'}}),
