@@ -20,39 +20,56 @@ from flax import nnx
 
 def sample_logits(logits: jax.Array, key: jax.Array | None, *,
                   temperature: float | jax.Array = 1.0,
-                  top_k: int | jax.Array | None = None) -> jax.Array:
+                  top_k: int | jax.Array | None = None,
+                  top_p: float | jax.Array | None = None) -> jax.Array:
   """Next tokens [B] int32 from logits [B, V]: argmax (key None) or a sample.
 
   A sample draws from softmax(logits / temperature) restricted to the top_k largest
-  logits (all when top_k is None; ties at the k-th value are kept). temperature and
-  top_k may be traced.
+  logits (all when top_k is None; ties at the k-th value are kept), then to the
+  nucleus of mass top_p (Holtzman et al. 2020, "The Curious Case of Neural Text
+  Degeneration"; as transformers' TopPLogitsWarper: the largest logits whose
+  probabilities reach top_p, at least one). temperature, top_k and top_p may be
+  traced.
   """
   if logits.ndim != 2:
     raise ValueError(f'logits must be [B, V], got {tuple(logits.shape)}.')
   if key is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return _sample(logits, key, temperature,
-                 logits.shape[-1] if top_k is None else top_k)
+                 logits.shape[-1] if top_k is None else top_k,
+                 1.0 if top_p is None else top_p)
 
 
-def _sample(logits, key, temperature, top_k):
-  """A draw from softmax(logits / temperature) over the top_k (traced) logits."""
-  logits = logits.astype(jnp.float32) / temperature
+def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
+  """Logits [B, V] outside the top_k and then the top_p nucleus set to -inf."""
   v = logits.shape[-1]
+  ascending = jnp.sort(logits, axis=-1)  # [B, V]
   index = jnp.clip(v - jnp.asarray(top_k, jnp.int32), 0, v - 1)
-  kth = jnp.sort(logits, axis=-1)[:, index][:, None]  # [B, 1]
+  kth = ascending[:, index][:, None]  # [B, 1]
   logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  ascending = jnp.where(ascending >= kth, ascending, -jnp.inf)
+  # Nucleus: drop the smallest logits whose cumulative probability is <= 1 - p.
+  mass = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # [B, V]
+  dropped = jnp.sum(mass <= 1.0 - jnp.asarray(top_p, mass.dtype), axis=-1)
+  dropped = jnp.minimum(dropped, v - 1)  # Keep at least the largest.
+  floor = jnp.take_along_axis(ascending, dropped[:, None], axis=-1)  # [B, 1]
+  return jnp.where(logits >= floor, logits, -jnp.inf)
+
+
+def _sample(logits, key, temperature, top_k, top_p):
+  """A draw from softmax(logits / temperature) over the top_k / top_p logits."""
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _next_token(logits, key, step, temperature, top_k, sample):
+def _next_token(logits, key, step, temperature, top_k, top_p, sample):
   """Greedy or sampled (traced `sample`) token of step `step`."""
-  drawn = _sample(logits, jax.random.fold_in(key, step), temperature, top_k)
+  drawn = _sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jnp.where(sample, drawn, greedy)
 
 
-def _check_sampling(key, temperature, top_k, vocab_size: int) -> None:
+def _check_sampling(key, temperature, top_k, top_p, vocab_size: int) -> None:
   if key is None:
     return
   if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -63,6 +80,9 @@ def _check_sampling(key, temperature, top_k, vocab_size: int) -> None:
     raise ValueError(
         f'top_k must be None or an int in [1, vocab_size={vocab_size}], got '
         f'{top_k!r}.')
+  if top_p is not None and (isinstance(top_p, bool) or not isinstance(
+      top_p, (int, float)) or not 0 < top_p <= 1):
+    raise ValueError(f'top_p must be None or a float in (0, 1], got {top_p!r}.')
 
 
 def left_pad_positions(attention_mask: jax.Array) -> jax.Array:
@@ -90,10 +110,10 @@ def _prefill(graphdef, state, cache, prompt, positions, mask, interventions, *,
 @functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'),
                    donate_argnames=('cache',))
 def _step(graphdef, state, cache, logits, done, key, step, temperature, top_k,
-          sample, eos, pad, interventions, *, shardings):
+          top_p, sample, eos, pad, interventions, *, shardings):
   """Picks the token of `logits`, appends it; (token, done, next logits, cache)."""
-  token, done = _pick(logits, done, key, step, temperature, top_k, sample, eos,
-                      pad)
+  token, done = _pick(logits, done, key, step, temperature, top_k, top_p, sample,
+                      eos, pad)
   model = nnx.merge(graphdef, state)
   positions = cache.next_positions()[:, None]  # [B, 1]
   out = model(token[:, None], positions=positions, cache=cache,
@@ -101,9 +121,9 @@ def _step(graphdef, state, cache, logits, done, key, step, temperature, top_k,
   return token, done, out.logits[:, 0], _constrain(out.cache, shardings)
 
 
-def _pick(logits, done, key, step, temperature, top_k, sample, eos, pad):
+def _pick(logits, done, key, step, temperature, top_k, top_p, sample, eos, pad):
   """(token, done): `pad` for finished rows; a row is done once it emits an eos."""
-  token = _next_token(logits, key, step, temperature, top_k, sample)
+  token = _next_token(logits, key, step, temperature, top_k, top_p, sample)
   token = jnp.where(done, pad, token)
   return token, done | jnp.isin(token, eos)
 
@@ -129,7 +149,7 @@ def _token_ids(name: str, ids, vocab_size: int) -> tuple[int, ...]:
 def generate(model: nnx.Module, prompt: jax.Array,
              attention_mask: jax.Array | None = None, *, max_new_tokens: int,
              key: jax.Array | None = None, temperature: float = 1.0,
-             top_k: int | None = None,
+             top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None,
              interventions: Sequence[Any] = (),
@@ -150,6 +170,7 @@ def generate(model: nnx.Module, prompt: jax.Array,
       uses `fold_in(key, i)`).
     temperature: sampling temperature (> 0).
     top_k: sample among the top_k logits only (None: all).
+    top_p: then among the nucleus of probability mass top_p only (None: all).
     eos_token_id: end-of-sequence id(s) (None: always `max_new_tokens` tokens).
     pad_token_id: what finished rows append (default: the first eos id).
     interventions: applied in every forward (prefill and each step).
@@ -172,7 +193,7 @@ def generate(model: nnx.Module, prompt: jax.Array,
     raise ValueError(
         f'max_new_tokens must be a positive int, got {max_new_tokens!r}.')
   config = model.config
-  _check_sampling(key, temperature, top_k, config.vocab_size)
+  _check_sampling(key, temperature, top_k, top_p, config.vocab_size)
   eos = ()
   if eos_token_id is not None:
     eos = _token_ids('eos_token_id', eos_token_id, config.vocab_size)
@@ -212,6 +233,7 @@ def generate(model: nnx.Module, prompt: jax.Array,
   key = jax.random.key(0) if key is None else key
   temperature = jnp.float32(temperature)
   top_k = jnp.int32(config.vocab_size if top_k is None else top_k)
+  top_p = jnp.float32(1.0 if top_p is None else top_p)
   logits, cache = _prefill(graphdef, state, cache, prompt.astype(jnp.int32),
                            positions, mask, interventions, shardings=shardings)
   done = jnp.zeros((b,), bool)
@@ -219,14 +241,14 @@ def generate(model: nnx.Module, prompt: jax.Array,
   for i in range(max_new_tokens - 1):
     token, done, logits, cache = _step(
         graphdef, state, cache, logits, done, key, jnp.int32(i), temperature,
-        top_k, sample, eos_ids, pad, interventions, shardings=shardings)
+        top_k, top_p, sample, eos_ids, pad, interventions, shardings=shardings)
     new.append(token)
     if eos and bool(done.all()):  # One host sync per step, only with an eos.
       break
     seen.append(logits)
   else:
     new.append(_last(logits, done, key, jnp.int32(max_new_tokens - 1),
-                     temperature, top_k, sample, eos_ids, pad)[0])
+                     temperature, top_k, top_p, sample, eos_ids, pad)[0])
   tokens = jnp.concatenate([prompt.astype(jnp.int32), jnp.stack(new, axis=1)],
                            axis=1)
   if return_logits:
@@ -234,4 +256,4 @@ def generate(model: nnx.Module, prompt: jax.Array,
   return tokens
 
 
-__all__ = ['generate', 'left_pad_positions', 'sample_logits']
+__all__ = ['filter_logits', 'generate', 'left_pad_positions', 'sample_logits']

@@ -201,3 +201,50 @@ def test_eos_finishes_rows_and_stops_when_all_are_done():
   np.testing.assert_array_equal(
       generation.generate(model, prompt, mask, max_new_tokens=steps,
                           eos_token_id=unused), free)
+
+
+@pytest.mark.parametrize('top_k, top_p', [(None, 0.3), (None, 0.9), (3, 0.5),
+                                          (5, 1.0), (None, 1e-6)])
+def test_filter_logits_matches_transformers_warpers(top_k, top_p):
+  """The kept set equals transformers' TopK then TopP warpers (the oracle)."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  logits = np.random.default_rng(0).standard_normal((6, 40)).astype(np.float32) * 2
+  got = np.asarray(generation.filter_logits(
+      jnp.asarray(logits), 40 if top_k is None else top_k, top_p))
+  scores = torch.tensor(logits)
+  if top_k is not None:
+    scores = transformers.TopKLogitsWarper(top_k)(None, scores)
+  scores = transformers.TopPLogitsWarper(top_p)(None, scores).numpy()
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(scores))
+  np.testing.assert_array_equal(got[np.isfinite(got)],
+                                logits[np.isfinite(got)])
+  assert np.isfinite(got).any(-1).all()  # At least one token per row.
+
+
+def test_top_p_sampling_frequencies_and_generate():
+  logits = jnp.asarray([[0.0, 1.0, 2.0, -1.0]])
+  keys = jax.random.split(jax.random.key(1), 4000)
+  draws = jax.jit(jax.vmap(lambda k: generation.sample_logits(
+      logits, k, top_p=0.7)))(keys)[:, 0]
+  # Probabilities .087 .237 .644 .032: the nucleus of 0.7 is {2, 1}.
+  p = np.exp([1.0, 2.0])
+  freq = np.bincount(np.asarray(draws), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0, p[0] / p.sum(), p[1] / p.sum(), 0],
+                             atol=0.03)
+  model = randomized(LLAMA)
+  prompt = tokens_for(B, T, seed=9)
+  run = functools.partial(generation.generate, model, prompt,
+                          jnp.asarray(GEN_MASK), max_new_tokens=NEW,
+                          temperature=2.0)
+  # A tiny nucleus is greedy; a nucleus of 0.5 draws only from it at each step.
+  np.testing.assert_array_equal(run(key=jax.random.key(3), top_p=1e-6), run())
+  sampled = run(key=jax.random.key(4), top_p=0.5)
+  step_logits = full_forward(model, sampled)[:, T - 1:-1] / 2.0  # [B, NEW, V]
+  kept = np.isfinite(np.asarray(generation.filter_logits(
+      step_logits.reshape(B * NEW, -1), LLAMA.vocab_size, 0.5))).reshape(
+          B, NEW, -1)
+  assert np.take_along_axis(kept, np.asarray(sampled[:, T:, None]), -1).all()
+  for bad in (0.0, 1.5, True):
+    with pytest.raises(ValueError, match='top_p must be None or a float'):
+      run(key=jax.random.key(0), top_p=bad)
