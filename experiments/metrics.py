@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 
@@ -98,6 +98,24 @@ def end_torn_line(path: str) -> None:
         f.write(b'\n')
 
 
+def _complete_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(line, parsed row) of each valid JSON line of `path`; torn lines are skipped."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # Torn by a process killed while writing it.
+        continue
+      yield line, row
+
+
+def read_json_lines(path: str) -> list[Any]:
+  """The complete rows of the JSON-lines file `path` in file order ([] if absent)."""
+  return [row for _, row in _complete_lines(path)]
+
+
 def truncate_after(path: str, step: int,
                    keep: Callable[[dict[str, Any]], bool] | None = None) -> int:
   """Rewrites the JSON-lines file `path` without rows whose step is > `step`.
@@ -108,16 +126,11 @@ def truncate_after(path: str, step: int,
   if not os.path.exists(path):
     return 0
   kept, dropped = [], 0
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if (keep is not None and keep(row)) or int(row.get('step', 0)) <= step:
-        kept.append(line if line.endswith('\n') else line + '\n')
-      else:
-        dropped += 1
+  for line, row in _complete_lines(path):
+    if (keep is not None and keep(row)) or int(row.get('step', 0)) <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+    else:
+      dropped += 1
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.writelines(kept)
@@ -132,17 +145,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   skipped. A resumed run drops the rows after its checkpoint before re-running
   those steps, so there is one row per (step, split).
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
+  return read_json_lines(os.path.join(workdir, METRICS_FILE))
 
 
 class Progress:

@@ -120,11 +120,7 @@ def config_from_flags() -> runner.RunConfig:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(common_flags.quiet_orbax)
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required.')
+  common_flags.start_checkpointing_binary(argv)
   try:
     config = config_from_flags()
     summary = runner.run(config, _TRAIN_CONFIG.value)

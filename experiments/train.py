@@ -32,11 +32,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(common_flags.quiet_orbax)
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required.')
+  common_flags.start_checkpointing_binary(argv)
   distributed.initialize()  # no-op unless launched as several processes
   try:
     train_lib.validate_config(_CONFIG.value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable, Sequence
 
 from absl import logging
@@ -102,17 +101,8 @@ def selection(pairs: Sequence[tuple[int, int]], num_layers: int,
 
 def read_results(path: str) -> dict[tuple[int, int], float]:
   """{(layer, head): accuracy} of a results file (torn last lines are skipped)."""
-  out: dict[tuple[int, int], float] = {}
-  if not os.path.exists(path):
-    return out
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      out[(int(row['layer']), int(row['head']))] = float(row['accuracy'])
-  return out
+  return {(int(row['layer']), int(row['head'])): float(row['accuracy'])
+          for row in metrics_lib.read_json_lines(path)}
 
 
 @dataclasses.dataclass(frozen=True)
