@@ -35,6 +35,12 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, *,
     raise ValueError(f'logits must be [B, V], got {tuple(logits.shape)}.')
   if key is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def python(x, default):  # Arrays (possibly traced) are not checked.
+    return x if x is None or isinstance(x, (bool, int, float)) else default
+
+  _check_sampling(key, python(temperature, 1.0), python(top_k, None),
+                  python(top_p, None), logits.shape[-1])
   return _sample(logits, key, temperature,
                  logits.shape[-1] if top_k is None else top_k,
                  1.0 if top_p is None else top_p)

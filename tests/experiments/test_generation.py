@@ -120,6 +120,16 @@ def test_sample_logits_matches_softmax_frequencies():
   np.testing.assert_allclose(freq, p, atol=0.03)
   assert freq[3] == 0.0
   np.testing.assert_array_equal(generation.sample_logits(logits, None), [2])
+  key = jax.random.key(0)
+  for kwargs, match in ((dict(temperature=0.0), 'temperature must be'),
+                        (dict(top_k=5), r'top_k must be .*vocab_size=4'),
+                        (dict(top_p=0.0), 'top_p must be'),
+                        (dict(top_p=1.5), 'top_p must be')):
+    with pytest.raises(ValueError, match=match):
+      generation.sample_logits(logits, key, **kwargs)
+  # Traced values are not checked (nor rejected).
+  assert jax.jit(lambda p: generation.sample_logits(logits, key, top_p=p))(
+      jnp.float32(0.5)).shape == (1,)
 
 
 def test_decode_errors():
